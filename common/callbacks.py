@@ -1,0 +1,121 @@
+"""Training callbacks shared by every experiment: progress display, RNG-state resume, final metrics table.
+
+`progress_bar()` picks a rich bar in a terminal and plain lines in CI logs; `RNGStateCallback` makes a resumed
+run continue with the random state the uninterrupted run had, so resume at an epoch boundary is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class PlainProgress(ProgressBar):
+    """Progress as plain lines (no carriage returns), for CI logs and files."""
+
+    def __init__(self, every_n_steps: int = 20) -> None:
+        super().__init__()
+        self.every = every_n_steps
+        self._enabled = True
+        self._t0 = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _print(self, trainer: pl.Trainer, msg: str) -> None:
+        if self._enabled and trainer.is_global_zero:
+            print(msg, flush=True)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = batch_idx + 1
+        total = self.total_train_batches
+        if n % self.every == 0 or (isinstance(total, int) and n == total):
+            rate = n / max(time.perf_counter() - self._t0, 1e-9)
+            metrics = {k: _fmt(v) for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+            self._print(trainer, f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
+                                 f"step {n}/{total} ({rate:.2f} it/s) "
+                                 + " ".join(f"{k}={v}" for k, v in metrics.items()))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        vals = {k: _fmt(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if vals:
+            self._print(trainer, f"epoch {trainer.current_epoch + 1} validation: "
+                                 + " ".join(f"{k}={v}" for k, v in sorted(vals.items())))
+
+
+def progress_bar(kind: str = "auto", every_n_steps: int = 20) -> ProgressBar:
+    """``rich`` in an interactive terminal, ``plain`` lines otherwise (CI, files, pipes)."""
+    if kind == "auto":
+        interactive = sys.stdout.isatty() and not os.environ.get("CI")
+        kind = "rich" if interactive else "plain"
+    if kind == "rich":
+        return RichProgressBar()
+    if kind == "plain":
+        return PlainProgress(every_n_steps=every_n_steps)
+    raise ValueError(f"progress bar kind must be auto, rich or plain, got {kind!r}")
+
+
+class RNGStateCallback(pl.Callback):
+    """Save the python / numpy / torch RNG states in checkpoints and restore them when training resumes.
+
+    Lightning restores weights, optimiser and loop state but not the global random state, so without this a
+    resumed run shuffles and drops out differently from the uninterrupted run. States are applied at
+    ``on_train_start`` (after any sanity check, which also draws random numbers).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    @staticmethod
+    def capture() -> dict:
+        # Plain ints, tuples and tensors only, so checkpoints still load with torch.load(weights_only=True).
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"python": random.getstate(),
+                 "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = self.capture()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._pending is None:
+            return
+        s = self._pending
+        random.setstate(s["python"])
+        kind, keys, pos, has_gauss, gauss = s["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(s["torch"])
+        if "cuda" in s and torch.cuda.is_available():
+            try:
+                torch.cuda.set_rng_state_all(s["cuda"])
+            except RuntimeError:
+                pass  # different number of devices: keep the freshly seeded CUDA state
+        self._pending = None

@@ -1,0 +1,205 @@
+"""Loggers that never stop training: wandb (offline when no credentials), CSV, and rank-0 media helpers.
+
+`SafeWandbLogger` turns every wandb failure into one warning and keeps training; `log_image` / `log_video` log
+to wandb on rank 0 only and silently do nothing when there is no wandb logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def wandb_credentials_configured() -> bool:
+    """True when a W&B API key is available (env var or ~/.netrc entry for api.wandb.ai)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def sanitize_run_id(name: str) -> str:
+    """W&B run ids may not contain '/', spaces and a few other characters."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "-", name)[:128]
+
+
+class SafeWandbLogger(WandbLogger):
+    """WandbLogger whose logging problems become a warning instead of an exception."""
+
+    _warned: set[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._warned = set()
+        self.broken = False
+
+    def _fail(self, what: str, err: BaseException) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(f"wandb {what} failed ({type(err).__name__}: {err}); training continues", stacklevel=3)
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        if self.broken:
+            return
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as err:  # noqa: BLE001 - logging must never stop training
+            self._fail("log_metrics", err)
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        if self.broken:
+            return
+        try:
+            super().log_hyperparams(params)
+        except Exception as err:  # noqa: BLE001
+            self._fail("log_hyperparams", err)
+
+    @rank_zero_only
+    def log_image(self, key, images, step=None, **kwargs) -> None:
+        if self.broken:
+            return
+        try:
+            super().log_image(key, images, step, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            self._fail("log_image", err)
+
+    @rank_zero_only
+    def log_video(self, key, videos, step=None, **kwargs) -> None:
+        if self.broken:
+            return
+        try:
+            super().log_video(key, videos, step, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            self._fail("log_video", err)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        try:
+            super().after_save_checkpoint(checkpoint_callback)
+        except Exception as err:  # noqa: BLE001
+            self._fail("after_save_checkpoint", err)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        try:
+            super().finalize(status)
+        except Exception as err:  # noqa: BLE001
+            self._fail("finalize", err)
+
+
+def build_wandb_logger(
+    save_dir: str,
+    project: str,
+    run_id: str,
+    name: str,
+    group: str | None = None,
+    mode: str = "auto",
+    tags: list[str] | None = None,
+    init_timeout: int = 60,
+) -> SafeWandbLogger | None:
+    """A wandb logger for this run, offline when no credentials are configured; None if wandb cannot start.
+
+    ``mode``: ``auto`` (online with credentials, else offline), ``online``, ``offline`` or ``disabled``.
+    The run id is the run name, so a resumed run continues the same wandb run.
+    """
+    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    env_mode = os.environ.get("WANDB_MODE")
+    if mode == "auto":
+        mode = env_mode if env_mode in ("online", "offline") else (
+            "online" if wandb_credentials_configured() else "offline")
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        import wandb
+
+        wandb_logger = SafeWandbLogger(
+            save_dir=save_dir, project=project, id=sanitize_run_id(run_id), name=name, group=group,
+            offline=(mode == "offline"), resume="allow", tags=tags,
+            settings=wandb.Settings(init_timeout=init_timeout, silent=True),
+        )
+        if rank_zero_only.rank == 0:
+            _ = wandb_logger.experiment  # start it now, so a failure is caught here and not mid-training
+            if mode == "offline":
+                run_dir = Path(wandb_logger.experiment.dir).parent
+                print(f"wandb: offline (no W&B credentials). Run folder: {run_dir}\n"
+                      f"wandb: upload it later with: wandb sync {run_dir}")
+        return wandb_logger
+    except Exception as err:  # noqa: BLE001 - a logging problem is a warning, never a stop
+        warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); continuing with CSV logs only",
+                      stacklevel=2)
+        return None
+
+
+def build_csv_logger(save_dir: str, name: str = "csv") -> CSVLogger:
+    """CSV metrics in ``<save_dir>/<name>/metrics.csv`` (one stable folder, appended to on resume)."""
+    return CSVLogger(save_dir=save_dir, name=name, version="")
+
+
+def _wandb_loggers(module) -> list[WandbLogger]:
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return []
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def _is_rank_zero(module) -> bool:
+    trainer = getattr(module, "_trainer", None)
+    return trainer is None or trainer.is_global_zero
+
+
+def log_image(module, key: str, image: np.ndarray, caption: str | None = None) -> None:
+    """Log one image ``[H, W, 3] uint8`` to wandb on rank 0; no-op without a wandb logger; never raises."""
+    if not _is_rank_zero(module):
+        return
+    for lg in _wandb_loggers(module):
+        try:
+            lg.log_image(key, [np.ascontiguousarray(image)], step=module.global_step,
+                         caption=[caption] if caption else None)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"log_image({key}) failed: {err}", stacklevel=2)
+
+
+def log_video(module, key: str, frames: np.ndarray, fps: int = 30, fmt: str = "gif") -> None:
+    """Log a video ``[T, H, W, 3] uint8`` to wandb on rank 0; no-op without a wandb logger; never raises."""
+    if not _is_rank_zero(module):
+        return
+    loggers = _wandb_loggers(module)
+    if not loggers:
+        return
+    try:
+        import wandb
+
+        video = wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=fps, format=fmt)
+        for lg in loggers:
+            lg.experiment.log({key: video, "trainer/global_step": module.global_step})
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"log_video({key}) failed: {err}", stacklevel=2)
+
+
+def finish_wandb() -> None:
+    """Close the current wandb run if any (multirun-safe); never raises."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"wandb.finish() failed: {err}", stacklevel=2)
+
+
+__all__ = ["Logger", "SafeWandbLogger", "build_csv_logger", "build_wandb_logger", "finish_wandb",
+           "log_image", "log_video", "wandb_credentials_configured"]

@@ -1,0 +1,169 @@
+"""The one training entrypoint: `python -m common.train experiment=<name> [run_name=...] [overrides]`.
+
+Composes `configs/` (Hydra), instantiates datamodule, LightningModule, callbacks, loggers and Trainer, fits with
+exact resume from the run folder `outputs/<experiment>/<run_name>/`, then tests when the data has a test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from common.loggers import build_csv_logger, build_wandb_logger, finish_wandb  # noqa: E402
+
+log = logging.getLogger("common.train")
+
+
+class ResumeError(FileNotFoundError):
+    """An explicit resume was requested but there is no checkpoint to resume from."""
+
+
+def _is_rank_zero() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """Which checkpoint `trainer.fit` starts from.
+
+    - ``ckpt_path=last`` or a path: explicit; a missing checkpoint is an error (never a silent restart).
+    - ``resume=true`` (default): ``<run>/checkpoints/last.ckpt`` when it exists, else a fresh start.
+    - ``resume=false``: a fresh start; earlier checkpoints of this run are moved aside, not overwritten.
+    """
+    ckpt_dir = Path(cfg.paths.ckpt_dir)
+    last = ckpt_dir / "last.ckpt"
+    explicit = cfg.get("ckpt_path")
+    if explicit:
+        path = last if str(explicit) == "last" else Path(str(explicit)).expanduser()
+        if not path.is_file():
+            raise ResumeError(
+                f"resume requested (ckpt_path={explicit}) but no checkpoint exists at {path}. "
+                f"Check run_name={cfg.run_name!r} / experiment {cfg.experiment_name!r}, or drop ckpt_path to "
+                "start fresh.")
+        return str(path)
+    if cfg.resume and last.is_file():
+        return str(last)
+    if not cfg.resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and _is_rank_zero():
+        aside = ckpt_dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(ckpt_dir), str(aside))
+        print(f"resume=false: moved the earlier checkpoints of this run to {aside}")
+    return None
+
+
+def _describe_ckpt(path: str) -> str:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        return f"epoch {ck.get('epoch', '?')}, global step {ck.get('global_step', '?')}"
+    except Exception as err:  # noqa: BLE001 - description only; fit() reports real load errors
+        return f"unreadable header: {err}"
+
+
+def build_loggers(cfg: DictConfig, fresh_over_existing: bool) -> list:
+    out = cfg.paths.output_dir
+    loggers: list = []
+    if cfg.logger.csv.enabled:
+        loggers.append(build_csv_logger(out))
+    if cfg.logger.wandb.enabled:
+        run_id = f"{cfg.experiment_name}-{cfg.run_name}"
+        if fresh_over_existing:
+            run_id += time.strftime("-%Y%m%d-%H%M%S")
+        wb = build_wandb_logger(
+            save_dir=out, project=cfg.logger.wandb.project, run_id=run_id, name=str(cfg.run_name),
+            group=cfg.logger.wandb.group, mode=cfg.logger.wandb.mode)
+        if wb is not None:
+            loggers.append(wb)
+    return loggers
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, int | float) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in sorted(metrics):
+        table.add_row(k, f"{metrics[k]:.5g}")
+    Console(width=100).print(table)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) the configured experiment; returns the final scalar metrics."""
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    out = Path(cfg.paths.output_dir)
+    existed_before = (out / "checkpoints").is_dir()
+    ckpt_path = resolve_ckpt_path(cfg)
+    if _is_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if ckpt_path:
+            print(f"Resuming {cfg.experiment_name}/{cfg.run_name} from {ckpt_path} ({_describe_ckpt(ckpt_path)})")
+        else:
+            print(f"Starting {cfg.experiment_name}/{cfg.run_name} from scratch; run folder {out}")
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = build_loggers(cfg, fresh_over_existing=existed_before and ckpt_path is None)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     default_root_dir=str(out))
+    metrics: dict[str, float] = {}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(_scalar_metrics(trainer.callback_metrics))
+        has_test = getattr(datamodule, "has_split", lambda split: False)("test")
+        if cfg.test_after_fit and has_test and not trainer.fast_dev_run:
+            ckpt_cb = trainer.checkpoint_callback
+            best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            for res in results:
+                metrics.update(_scalar_metrics(res))
+    finally:
+        finish_wandb()
+    # Everything below runs after the checkpoints are written: it reports, and must never crash the run.
+    if _is_rank_zero():
+        try:
+            shown = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+            print_metrics_table(f"{cfg.experiment_name}/{cfg.run_name}: final metrics", shown or metrics)
+            print(f"Run folder: {out}")
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not write the final metrics summary: %s", err)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    value = metrics.get(str(cfg.monitor))
+    return value  # for Hydra sweepers
+
+
+if __name__ == "__main__":
+    main()

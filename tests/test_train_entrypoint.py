@@ -1,0 +1,121 @@
+"""The training entrypoint end to end on the toy experiment: exact resume, explicit-resume errors, DDP on CPU,
+offline wandb, run-folder contents. Real subprocesses of `python -m common.train`, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_SILENT="true", CI="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _cmd(tmp_path: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "common.train", "experiment=toy", f"paths.output_root={tmp_path / 'out'}",
+            *overrides]
+
+
+def _train(tmp_path: Path, *overrides: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_cmd(tmp_path, *overrides), cwd=ROOT, env=_env(tmp_path, **env), capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return ckpt["state_dict"], json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_interrupted_run_resumed_by_same_command_equals_uninterrupted(tmp_path):
+    common = ["trainer.max_epochs=4", "logger=csv", "model.step_delay_s=0.05", "test_after_fit=false"]
+    _train(tmp_path, "run_name=full", *common)
+
+    # Start the same run, interrupt it with Ctrl-C once the first epoch's checkpoint exists.
+    cmd = _cmd(tmp_path, "run_name=cut", *common)
+    last = tmp_path / "out" / "toy" / "cut" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, f"the run was meant to be interrupted but finished:\n{out[-3000:]}"
+    interrupted_epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    assert interrupted_epoch < 3
+
+    resumed = _train(tmp_path, "run_name=cut", *common)
+    assert "Resuming toy/cut from" in resumed.stdout
+
+    full_w, full_m = _final_state(tmp_path / "out" / "toy" / "full")
+    cut_w, cut_m = _final_state(tmp_path / "out" / "toy" / "cut")
+    assert full_w.keys() == cut_w.keys()
+    for k in full_w:
+        assert torch.equal(full_w[k], cut_w[k]), f"weight {k} differs after resume"
+    assert full_m["val/loss"] == cut_m["val/loss"]
+    assert (tmp_path / "out" / "toy" / "cut" / "config.yaml").is_file()
+    assert (tmp_path / "out" / "toy" / "cut" / "csv" / "metrics.csv").is_file()
+
+
+def test_explicit_resume_without_checkpoint_fails_clearly(tmp_path):
+    proc = _train(tmp_path, "run_name=nothing_here", "ckpt_path=last", "logger=csv", check=False)
+    assert proc.returncode != 0
+    assert "no checkpoint exists" in proc.stderr + proc.stdout
+    assert not (tmp_path / "out" / "toy" / "nothing_here" / "checkpoints").exists()
+
+
+def test_resume_false_starts_fresh_and_keeps_old_checkpoints(tmp_path):
+    _train(tmp_path, "run_name=r", "trainer.max_epochs=1", "logger=csv", "test_after_fit=false")
+    proc = _train(tmp_path, "run_name=r", "trainer.max_epochs=1", "logger=csv", "resume=false",
+                  "test_after_fit=false")
+    assert "from scratch" in proc.stdout
+    run_dir = tmp_path / "out" / "toy" / "r"
+    assert list(run_dir.glob("checkpoints.prev-*")), "earlier checkpoints were not kept"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+
+
+def test_ddp_cpu_two_ranks_and_synced_validation_metric(tmp_path):
+    proc = _train(tmp_path, "run_name=ddp", "trainer=ddp_cpu", "trainer.max_epochs=2", "logger=csv",
+                  "test_after_fit=false")
+    log = proc.stdout + proc.stderr
+    assert "MEMBER: 2/2" in log, log[-3000:]
+    # The logged val/loss must be the MSE over the WHOLE val set (both ranks' shards), not one rank's half.
+    from common.testing.toy import ToyRegressionData, ToyRegressor
+
+    weights, metrics = _final_state(tmp_path / "out" / "toy" / "ddp")
+    model = ToyRegressor(dim=8)
+    model.load_state_dict({k: v for k, v in weights.items() if k.startswith("net.")}, strict=False)
+    model.eval()
+    ds = ToyRegressionData(batch_size=32).build_dataset("val")
+    x = torch.as_tensor(ds.x)
+    y = torch.as_tensor(ds.y)
+    with torch.no_grad():
+        mse = torch.mean((model(x) - y) ** 2).item()
+    assert metrics["val/loss"] == pytest.approx(mse, rel=1e-5)
+
+
+def test_wandb_offline_run_written_without_network(tmp_path):
+    proc = _train(tmp_path, "run_name=wb", "trainer.max_epochs=1")
+    run_dir = tmp_path / "out" / "toy" / "wb"
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline, f"no offline wandb run in {run_dir}: {proc.stdout[-2000:]}"
+    assert "wandb sync" in proc.stdout
+    assert (run_dir / "metrics.json").is_file()
+    assert "test/loss" in json.loads((run_dir / "metrics.json").read_text())
