@@ -1,0 +1,162 @@
+"""The LightningDataModule every domain datamodule extends: split bookkeeping and DataLoader construction.
+
+Subclasses only say how to build a split's Dataset (and optionally set ``collate_fn``). Distributed sampling
+is left to Lightning, which swaps in a DistributedSampler under DDP; nothing here knows about files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sized
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+log = logging.getLogger(__name__)
+
+# Dataset roles each Lightning stage needs; ``None`` (setup for everything) takes all of them.
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+}
+ALL_SPLITS = ("train", "val", "test")
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A RandomSampler whose order is a function of ``(seed, epoch)`` only, like DistributedSampler's.
+
+    Lightning calls ``set_epoch`` at every epoch start, so a run resumed at epoch ``k`` sees the same order as
+    an uninterrupted one. Being a RandomSampler, Lightning still recognises it as shuffled under DDP.
+    """
+
+    def __init__(self, data_source: Sized, seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        # The DataLoader draws its workers' base seed from this generator at every iter(); reseeding it per
+        # epoch too keeps the global RNG untouched and worker seeds a function of (seed, epoch).
+        self.loader_generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+        self.loader_generator.manual_seed(self.seed + epoch + 1_000_003)
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Builds ``self.datasets[role]`` per stage and wraps them in DataLoaders.
+
+    Subclasses implement :meth:`build_dataset` and may set ``collate_fn`` (a picklable callable such as
+    :class:`common.data.collate.CheckedCollate`, or a method; a plain function set as a class attribute
+    would be bound as a method, so set it on the instance). ``batch_size`` is per rank unless
+    ``batch_size_is_global``; then it is divided by the world size. ``seed`` (default: the seed given to
+    ``seed_everything``) fixes the training order per epoch; ``test_split`` names the split used by
+    ``trainer.test`` / ``trainer.predict`` (no test data when ``None``).
+    """
+
+    collate_fn: Callable[[list[Any]], Any] | None = None
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int = 0,
+        persistent_workers: bool = True,
+        pin_memory: bool | None = None,
+        batch_size_is_global: bool = False,
+        drop_last_train: bool = True,
+        seed: int | None = None,
+        test_split: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.batch_size_is_global = batch_size_is_global
+        self.drop_last_train = drop_last_train
+        self.seed = seed
+        self.test_split = test_split
+        self.datasets: dict[str, Dataset] = {}
+
+    def build_dataset(self, split: str) -> Dataset:
+        """Return the Dataset for ``split`` ("train", "val", or the configured ``test_split``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_dataset(split)")
+
+    def has_split(self, role: str) -> bool:
+        """Whether this datamodule has data for ``role`` ("train", "val" or "test")."""
+        return role in ("train", "val") or (role == "test" and self.test_split is not None)
+
+    def setup(self, stage: str | None = None) -> None:
+        roles = ALL_SPLITS if stage is None else STAGE_SPLITS[stage]
+        for role in roles:
+            if role in self.datasets or not self.has_split(role):
+                continue
+            split = self.test_split if role == "test" else role
+            self.datasets[role] = self.build_dataset(split)
+            size = len(self.datasets[role]) if isinstance(self.datasets[role], Sized) else "?"
+            log.info("%s: %s split %r has %s samples", type(self).__name__, role, split, size)
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        if not self.batch_size_is_global:
+            return self.batch_size
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"global batch_size {self.batch_size} is not divisible by world size {world_size}"
+            )
+        return self.batch_size // world_size
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train")
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        # No `shuffle=` argument: Lightning reads it back when it re-creates the loader under DDP, and
+        # an explicit False would turn off the DistributedSampler's shuffling.
+        return self._loader(
+            dataset, sampler=EpochSeededRandomSampler(dataset, seed), drop_last=self.drop_last_train
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.has_split("val"):
+            return []  # Lightning then skips validation (with a warning)
+        return self._loader(self._dataset("val"), sampler=None, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test"), sampler=None, drop_last=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def _dataset(self, role: str) -> Dataset:
+        if role not in self.datasets:
+            if not self.has_split(role):
+                raise RuntimeError(
+                    f"{type(self).__name__} has no {role!r} split (see has_split / test_split)"
+                )
+            raise RuntimeError(f"{type(self).__name__}: {role!r} dataset requested before setup() built it")
+        return self.datasets[role]
+
+    def _loader(self, dataset: Dataset, sampler: RandomSampler | None, drop_last: bool) -> DataLoader:
+        if isinstance(sampler, EpochSeededRandomSampler):
+            generator = sampler.loader_generator
+        else:  # evaluation loaders: fixed worker seeds, and no draw from the global RNG
+            generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
+        return DataLoader(
+            dataset,
+            generator=generator,
+            batch_size=self.per_rank_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=drop_last,
+            collate_fn=self.collate_fn,
+        )

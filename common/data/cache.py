@@ -1,0 +1,90 @@
+"""Preprocessing caches that invalidate themselves.
+
+A cache folder is keyed by a hash of the preprocessing config and the source files' sizes and mtimes, so a
+changed config or changed data rebuilds it by itself. Builders write into a temporary folder that is renamed
+into place only when complete, so an interrupted build never leaves a half cache that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_COMPLETE = "_COMPLETE.json"
+
+
+def _jsonable(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def fingerprint(config: Mapping, files: Iterable[Path | str]) -> str:
+    """SHA-256 over the config (as sorted JSON) and each file's path, size and mtime (ns)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(_jsonable(config), sort_keys=True).encode())
+    for f in sorted(str(Path(p).resolve()) for p in files):
+        st = os.stat(f)
+        h.update(f"\n{f}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class ArtifactCache:
+    """One named cache folder ``<cache_root>/<name>-<key[:16]>`` built once per (config, files) state."""
+
+    def __init__(self, cache_root: Path | str, name: str, config: Mapping, files: Iterable[Path | str]):
+        self.cache_root = Path(cache_root)
+        self.name = name
+        self.config = _jsonable(config)
+        self.files = [Path(f) for f in files]
+        self.key = fingerprint(self.config, self.files)
+        self.path = self.cache_root / f"{name}-{self.key[:16]}"
+
+    def is_valid(self) -> bool:
+        marker = self.path / _COMPLETE
+        if not marker.is_file():
+            return False
+        try:
+            return json.loads(marker.read_text()).get("key") == self.key
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def build(self, builder: Callable[[Path], None], force: bool = False) -> Path:
+        """Return the cache folder, running ``builder(tmp_folder)`` first if it is missing or stale."""
+        if self.is_valid() and not force:
+            log.info("cache %s is up to date: %s", self.name, self.path)
+            return self.path
+        self.cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_root / f".{self.path.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        try:
+            builder(tmp)
+            meta = {"key": self.key, "name": self.name, "config": self.config,
+                    "files": [str(f) for f in self.files], "built_s": round(time.perf_counter() - t0, 3)}
+            (tmp / _COMPLETE).write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.replace(tmp, self.path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for stale in self.cache_root.glob(f"{self.name}-*"):
+            if stale != self.path and stale.is_dir():
+                log.info("removing stale cache %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        log.info("built cache %s in %.1fs: %s", self.name, time.perf_counter() - t0, self.path)
+        return self.path
