@@ -81,3 +81,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf outputs .pytest_cache
+
+render-gesture: $(STAMP)
+	@test -n "$(NPZ)" || { echo "usage: make render-gesture NPZ=result.npz [WAV=a.wav] [OUT=out.mp4] [ARGS='--seconds 10']"; exit 2; }
+	$(PY) -m gesture.render --npz $(NPZ) $(if $(WAV),--wav $(WAV),) --out $(or $(OUT),$(basename $(NPZ)).mp4) $(ARGS)
+
+bench-mamba: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.bench_mamba
