@@ -49,6 +49,17 @@ train-stage2: $(STAMP)
 	@test -f $(STAGE1_DONE) || $(MAKE) --no-print-directory train-stage1 RUN= ARGS=
 	$(TRAIN) experiment=stage2 $(RUN_ARG) $(ARGS)
 
+HAND_CKPT ?= outputs/stage2/stage2/checkpoints/last.ckpt
+
+eval-hand: $(STAMP)
+	$(PY) -m handpose.evaluate --ckpt $(or $(CKPT),$(HAND_CKPT)) --split $(or $(SPLIT),test) $(ARGS)
+
+demo-tracker: $(STAMP)
+	$(PY) -m handpose.demo --ckpt $(or $(CKPT),$(HAND_CKPT)) --out $(or $(OUT),outputs/demo_tracker.mp4) $(ARGS)
+
+bench-hand: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.bench_handpose $(ARGS)
+
 # ---- gesture -----------------------------------------------------------------------------------------
 VQ_PARTS := face body hand
 
@@ -76,8 +87,7 @@ gesture-prereqs: $(STAMP)
 train-mambatalk: gesture-prereqs
 	$(TRAIN) experiment=mambatalk $(RUN_ARG) $(ARGS)
 
-bench: $(STAMP)
-	$(PY) -m bench.run_all
+bench: bench-hand bench-mamba
 
 clean:
 	rm -rf outputs .pytest_cache

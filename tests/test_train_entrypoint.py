@@ -81,6 +81,14 @@ def test_explicit_resume_without_checkpoint_fails_clearly(tmp_path):
     assert not (tmp_path / "out" / "toy" / "nothing_here" / "checkpoints").exists()
 
 
+def test_last_checkpoint_is_the_final_epoch_even_when_it_is_not_the_best(tmp_path):
+    # monitor_mode=max on a falling loss: the best checkpoint is epoch 0, last.ckpt must still be epoch 2
+    _train(tmp_path, "run_name=m", "trainer.max_epochs=3", "logger=csv", "test_after_fit=false", "monitor_mode=max")
+    ckpts = tmp_path / "out" / "toy" / "m" / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert [p.name for p in ckpts.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
+
+
 def test_resume_false_starts_fresh_and_keeps_old_checkpoints(tmp_path):
     _train(tmp_path, "run_name=r", "trainer.max_epochs=1", "logger=csv", "test_after_fit=false")
     proc = _train(tmp_path, "run_name=r", "trainer.max_epochs=1", "logger=csv", "resume=false",
