@@ -1,0 +1,186 @@
+"""LightningModule for hand pose: wires PoseNet, HandPoseLoss and HandPoseMetrics to an AdamW + warmup-cosine run.
+
+Thin by design: the network is handpose.model, the loss handpose.loss, the metrics handpose.metrics. Also
+holds the validation image grid (projected predicted vs GT 2D joints) and the warmup-cosine schedule factory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable, Mapping
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from common.loggers import log_image
+from common.mano import JOINT_NAMES_21
+from handpose.data.dataset import denormalise
+from handpose.loss import HandPoseLoss
+from handpose.metrics import HandPoseMetrics
+from handpose.model import HandPrediction, PoseNet
+
+log = logging.getLogger(__name__)
+
+GT_COLOR, PRED_COLOR = (255, 64, 64), (64, 255, 64)  # RGB
+MIN_VIS_SIZE = 192  # crops are upscaled to at least this many pixels in the grid
+# Skeleton of the 21-joint order: each finger is a chain from the wrist.
+SKELETON_PARENTS_21 = tuple(
+    -1 if i == 0 else (i - 1 if JOINT_NAMES_21[i - 1].split("_")[0] == name.split("_")[0] else 0)
+    for i, name in enumerate(JOINT_NAMES_21)
+)
+
+
+def warmup_cosine(
+    optimizer: Optimizer, warmup_steps: int = 1000, total_steps: int | None = None, min_lr_ratio: float = 0.0
+) -> LambdaLR:
+    """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if total_steps is None:
+        raise ValueError("warmup_cosine: total_steps is required (HandPoseLit fills it from the trainer)")
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def draw_keypoint_grid(
+    img: torch.Tensor, joints_2d_gt: torch.Tensor, joints_2d_pred: torch.Tensor, max_items: int = 8
+) -> np.ndarray:
+    """img [n, 3, H, W] (ImageNet-normalised), joints [n, 21, 2] crop pixels -> uint8 RGB row [H', n W', 3].
+
+    GT skeleton in red, prediction in green.
+    """
+    n = min(max_items, img.shape[0])
+    crops = denormalise(img[:n])  # [n, H, W, 3] uint8
+    zoom = max(1, math.ceil(MIN_VIS_SIZE / crops.shape[1]))
+    tiles = []
+    for crop, gt, pred in zip(crops, joints_2d_gt[:n].detach().cpu().numpy(), joints_2d_pred[:n].detach().cpu().numpy()):
+        tile = cv2.resize(crop, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
+        for points, color in ((gt, GT_COLOR), (pred, PRED_COLOR)):
+            pts = np.nan_to_num((points + 0.5) * zoom - 0.5, nan=-1e4).clip(-1e4, 1e4).round().astype(np.int32)
+            for child, parent in enumerate(SKELETON_PARENTS_21):
+                if parent >= 0:
+                    cv2.line(tile, tuple(pts[parent]), tuple(pts[child]), color, 1, cv2.LINE_AA)
+            for p in pts:
+                cv2.circle(tile, tuple(p), 2, color, -1, cv2.LINE_AA)
+        tiles.append(tile)
+    return np.concatenate(tiles, axis=1)
+
+
+class HandPoseLit(L.LightningModule):
+    """Stage 1 / Stage 2 hand pose training.
+
+    Args:
+        net: the PoseNet (its stage decides how many frames it takes).
+        loss: HandPoseLoss.
+        optimizer: partial optimizer (e.g. AdamW with lr, weight_decay), called with two param groups.
+        scheduler: partial LR scheduler or None; stepped every optimisation step. If it takes a
+            ``total_steps`` that is not set, it gets ``trainer.estimated_stepping_batches``.
+        backbone_lr_scale: backbone learning rate = optimizer lr x this.
+        stage1_weight: Stage 1 checkpoint loaded into ``net`` when fitting starts (before any resume restores
+            this run's own checkpoint); ``None`` trains from the network's initialisation.
+        num_vis: crops in the validation image grid.
+    """
+
+    def __init__(
+        self,
+        net: PoseNet,
+        loss: HandPoseLoss,
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[..., LRScheduler] | None = None,
+        backbone_lr_scale: float = 0.1,
+        stage1_weight: str | None = None,
+        num_vis: int = 8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_metrics = HandPoseMetrics()
+        self.test_metrics = HandPoseMetrics()
+        self._stage1_loaded = False
+
+    def setup(self, stage: str) -> None:
+        # Runs before Lightning restores a resumed run's checkpoint, which then overrides these weights.
+        if stage == "fit" and self.hparams.stage1_weight and not self._stage1_loaded:
+            self.net.load_stage1(self.hparams.stage1_weight)
+            self._stage1_loaded = True
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> HandPrediction:
+        """batch of [b, t, ...] -> HandPrediction of the last frame, [b, 1, ...]."""
+        return self.net.predict_mano_param(
+            batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"]
+        )
+
+    def _loss(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        return self.loss(self(batch), batch, self.net.trans_bin_centers)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._loss(batch)
+        b = batch["img"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{name}": value for name, value in out["terms"].items()}, batch_size=b)
+        return out["loss"]
+
+    def _eval_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, split: str, metrics: HandPoseMetrics):
+        out = self._loss(batch)
+        b = batch["img"].shape[0]
+        self.log(f"{split}/loss", out["loss"], sync_dist=True, batch_size=b)
+        valid = batch["valid"][:, -1].bool()
+        metrics.update(out["joints_cam_pred"][valid], out["joints_cam_gt"][valid],
+                       out["verts_cam_pred"][valid], out["verts_cam_gt"][valid])
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            grid = draw_keypoint_grid(batch["img"][:, -1], batch["joints_2d"][:, -1], out["joints_2d_pred"][:, 0],
+                                      self.hparams.num_vis)
+            log_image(self, f"{split}/keypoints", grid, caption="red: GT, green: prediction (last frame)")
+
+    def _log_metrics(self, split: str, metrics: HandPoseMetrics) -> None:
+        if int(metrics.num_samples) == 0 and self.trainer.world_size == 1:
+            log.warning("%s: no valid frame to evaluate; metrics not logged", split)
+        else:
+            self.log_dict({f"{split}/{k}": v for k, v in metrics.compute().items()}, sync_dist=True)
+        metrics.reset()
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def configure_optimizers(self):
+        backbone_ids = {id(p) for p in self.net.backbone.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"name": "head", "params": [p for p in trainable if id(p) not in backbone_ids]}]
+        backbone = [p for p in trainable if id(p) in backbone_ids]
+        if backbone:
+            groups.append({"name": "backbone", "params": backbone})
+        optimizer = self.optimizer_factory(params=groups)
+        for group in optimizer.param_groups:
+            if group["name"] == "backbone":
+                group["lr"] *= self.hparams.backbone_lr_scale
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        bound = getattr(self.scheduler_factory, "keywords", {}) or {}
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters and bound.get("total_steps") is None:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,171 @@
+"""Hand pose training loss: supervises the LAST frame only, every term through one exact-shape check.
+
+Predictions are ``[b, 1, ...]`` (PoseNet's contract); ground truth is sliced ``[:, -1:]``; forward kinematics
+runs on that one frame. Metrics live in handpose.metrics; the network in handpose.model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from common.mano import JOINT_NAMES_21, ManoLayer
+from common.rotations import axis_angle_to_matrix
+from common.shapes import assert_same_shape, expect_shape
+from handpose.model.decoder import NUM_POSE_JOINTS, POSE_DIM, SHAPE_DIM, HandPrediction
+
+LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d")
+DEFAULT_WEIGHTS = {"pose": 1.0, "shape": 0.1, "trans": 0.1, "joints": 10.0, "verts": 10.0, "joints_2d": 1.0}
+WRIST = JOINT_NAMES_21.index("wrist")
+# Hand scale for ``norm_by_hand``: length of the wrist -> middle-finger MCP bone.
+SCALE_BONE = (WRIST, JOINT_NAMES_21.index("middle_mcp"))
+
+
+def hand_scale(joints: torch.Tensor, reference: float) -> torch.Tensor:
+    """joints [..., 21, 3] -> [...]: wrist-to-middle-MCP length divided by ``reference`` (1 for the mean hand)."""
+    start, end = SCALE_BONE
+    return (joints[..., end, :] - joints[..., start, :]).norm(dim=-1) / reference
+
+
+def project(points: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor, min_depth: float = 1e-2) -> torch.Tensor:
+    """points [..., n, 3] camera space, focal/princpt [..., 2] -> pixels [..., n, 2] (u = fx x / z + cx)."""
+    z = points[..., 2:].clamp(min=min_depth)
+    return points[..., :2] / z * focal[..., None, :] + princpt[..., None, :]
+
+
+def bin_target(value: torch.Tensor, centers: torch.Tensor, sigma: float) -> torch.Tensor:
+    """value [...] -> target distribution [..., B] over evenly spaced ``centers`` (clamped to their range).
+
+    ``sigma`` (in bins) > 0: a normalised Gaussian; ``sigma == 0``: linear split between the two nearest bins,
+    whose expectation is exactly the (clamped) value.
+    """
+    width = centers[1] - centers[0]
+    pos = ((value.clamp(centers[0], centers[-1]) - centers[0]) / width)[..., None]  # fractional bin index
+    index = torch.arange(len(centers), device=value.device, dtype=value.dtype)
+    if sigma > 0:
+        logits = -0.5 * ((index - pos) / sigma) ** 2
+        return torch.softmax(logits, dim=-1)
+    return (1 - (index - pos).abs()).clamp(min=0)
+
+
+def masked_mean(per_sample: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """per_sample [b, 1], weight [b, 1] -> scalar weighted mean (0 when no sample has weight)."""
+    assert_same_shape(per_sample, weight, "per-sample loss", "valid weight")
+    return (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+class HandPoseLoss(nn.Module):
+    """Weighted sum of the terms in ``LOSS_TERMS`` on the last frame.
+
+    Args:
+        weights: per-term weights (keys from ``LOSS_TERMS``; missing keys take ``DEFAULT_WEIGHTS``).
+        heatmap_sigma: Gaussian width (in bins) of the translation classification target; 0 = two-hot.
+        norm_by_hand: the network's translation is in hand-scale units (metric translation / hand scale):
+            the heatmap target is ``trans_gt / scale_gt``, and camera-space predictions use
+            ``trans_pred_scaled = trans_pred * scale_pred`` (scale of the predicted hand, no GT at test time).
+        detach_shape_in_fk: forward kinematics sees the predicted shape detached, so shape learns from its
+            own term only and joint/vertex errors cannot be "explained away" by distorting the hand.
+        mano_model_path, flat_hand_mean: MANO model for forward kinematics; must match the data's convention
+            (``None`` = the procedural hand).
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        heatmap_sigma: float = 1.0,
+        norm_by_hand: bool = False,
+        detach_shape_in_fk: bool = True,
+        mano_model_path: str | None = None,
+        flat_hand_mean: bool = False,
+    ) -> None:
+        super().__init__()
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(LOSS_TERMS))
+        if unknown:
+            raise KeyError(f"loss.weights: unknown terms {unknown}; known: {list(LOSS_TERMS)}")
+        self.weights = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in weights.items()}}
+        self.heatmap_sigma = float(heatmap_sigma)
+        self.norm_by_hand = norm_by_hand
+        self.detach_shape_in_fk = detach_shape_in_fk
+        self.mano = ManoLayer(model_path=mano_model_path, side="right", flat_hand_mean=flat_hand_mean)
+        with torch.no_grad():
+            mean_hand = self.mano(torch.zeros(1, POSE_DIM), torch.zeros(1, SHAPE_DIM)).joints
+        self.reference_scale = float(hand_scale(mean_hand, 1.0))
+
+    def forward(
+        self, pred: HandPrediction, batch: Mapping[str, torch.Tensor], bin_centers: tuple[torch.Tensor, ...]
+    ) -> dict:
+        """pred (pose [b, 1, 48], shape [b, 1, 10], trans [b, 1, 3]), 3 x [b, 1, B]; batch [b, t, ...] -> dict.
+
+        Returns ``loss`` (weighted total), ``terms`` (unweighted, by name) and last-frame tensors
+        ``joints_cam_pred/gt [b, 1, 21, 3]``, ``verts_cam_pred/gt [b, 1, 778, 3]``, ``joints_2d_pred
+        [b, 1, 21, 2]``, ``trans_pred_scaled [b, 1, 3]`` (camera-space predictions use the scaled translation).
+        """
+        (pose_pred, shape_pred, trans_pred), log_heatmaps = pred
+        b = pose_pred.shape[0]
+        last = {k: batch[k][:, -1:] for k in ("mano_pose", "mano_shape", "mano_trans", "joints_cam",
+                                                 "joints_2d", "focal", "princpt", "valid")}
+        weight = last["valid"].to(pose_pred.dtype)
+        expect_shape(weight, (b, 1), "valid[:, -1:]")
+        assert_same_shape(pose_pred, last["mano_pose"], "pose_pred", "mano_pose[:, -1:]")
+        assert_same_shape(shape_pred, last["mano_shape"], "shape_pred", "mano_shape[:, -1:]")
+        assert_same_shape(trans_pred, last["mano_trans"], "trans_pred", "mano_trans[:, -1:]")
+        terms: dict[str, torch.Tensor] = {}
+
+        rot_pred = axis_angle_to_matrix(pose_pred.unflatten(-1, (NUM_POSE_JOINTS, 3)))
+        rot_gt = axis_angle_to_matrix(last["mano_pose"].unflatten(-1, (NUM_POSE_JOINTS, 3)))
+        terms["pose"] = masked_mean((rot_pred - rot_gt).abs().mean(dim=(-3, -2, -1)), weight)
+        terms["shape"] = masked_mean((shape_pred - last["mano_shape"]).abs().mean(dim=-1), weight)
+
+        # Forward kinematics of the last frame only ([b, 1] leading dims), without translation.
+        fk_pred = self.mano(pose_pred, shape_pred.detach() if self.detach_shape_in_fk else shape_pred)
+        with torch.no_grad():
+            fk_gt = self.mano(last["mano_pose"], last["mano_shape"])
+        joints_cam_gt = last["joints_cam"]
+        verts_cam_gt = fk_gt.vertices + last["mano_trans"][..., None, :]
+
+        if self.norm_by_hand:
+            trans_target = last["mano_trans"] / hand_scale(joints_cam_gt, self.reference_scale)[..., None]
+            scale_pred = hand_scale(fk_pred.joints, self.reference_scale).detach()
+            trans_pred_scaled = trans_pred * scale_pred[..., None]
+        else:
+            trans_target = last["mano_trans"]
+            trans_pred_scaled = trans_pred
+        trans_ce = []
+        for axis, (log_hm, centers) in enumerate(zip(log_heatmaps, bin_centers)):
+            target = bin_target(trans_target[..., axis], centers.to(log_hm), self.heatmap_sigma)
+            assert_same_shape(log_hm, target, f"log_heatmap[{axis}]", f"translation target[{axis}]")
+            trans_ce.append(masked_mean(-(target * log_hm).sum(dim=-1), weight))
+        terms["trans"] = torch.stack(trans_ce).sum()
+
+        joints_rel_pred = fk_pred.joints - fk_pred.joints[..., WRIST : WRIST + 1, :]
+        joints_rel_gt = joints_cam_gt - joints_cam_gt[..., WRIST : WRIST + 1, :]
+        assert_same_shape(joints_rel_pred, joints_rel_gt, "root-relative joints_pred", "joints_cam[:, -1:]")
+        terms["joints"] = masked_mean((joints_rel_pred - joints_rel_gt).abs().mean(dim=(-2, -1)), weight)
+        verts_rel_pred = fk_pred.vertices - fk_pred.joints[..., WRIST : WRIST + 1, :]
+        verts_rel_gt = fk_gt.vertices - fk_gt.joints[..., WRIST : WRIST + 1, :]
+        assert_same_shape(verts_rel_pred, verts_rel_gt, "root-relative verts_pred", "verts_gt")
+        terms["verts"] = masked_mean((verts_rel_pred - verts_rel_gt).abs().mean(dim=(-2, -1)), weight)
+
+        joints_cam_pred = fk_pred.joints + trans_pred_scaled[..., None, :]
+        verts_cam_pred = fk_pred.vertices + trans_pred_scaled[..., None, :]
+        joints_2d_pred = project(joints_cam_pred, last["focal"], last["princpt"])
+        assert_same_shape(joints_2d_pred, last["joints_2d"], "joints_2d_pred", "joints_2d[:, -1:]")
+        height, width = batch["img"].shape[-2:]
+        crop_size = torch.tensor([width, height], dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
+        error_2d = (joints_2d_pred - last["joints_2d"]) / crop_size
+        terms["joints_2d"] = masked_mean(error_2d.abs().mean(dim=(-2, -1)), weight)
+
+        total = sum(self.weights[name] * terms[name] for name in LOSS_TERMS)
+        return {
+            "loss": total,
+            "terms": terms,
+            "trans_pred_scaled": trans_pred_scaled,
+            "joints_cam_pred": joints_cam_pred,
+            "verts_cam_pred": verts_cam_pred,
+            "joints_cam_gt": joints_cam_gt,
+            "verts_cam_gt": verts_cam_gt,
+            "joints_2d_pred": joints_2d_pred,
+        }

@@ -1,0 +1,171 @@
+"""PoseNet: ViT backbone + hand decoder (+ temporal encoder in Stage 2) -> MANO parameters of the LAST frame.
+
+Both stages return ``[b, 1, ...]``: Stage 1 sees one frame, Stage 2 refines the last frame's token with the
+others. ``encode_frames`` / ``refine_and_decode`` split the forward pass so a streaming tracker can cache
+per-frame tokens. No training logic here (loss: handpose.loss, wiring: handpose.lit).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from common.checkpoint import LoadReport, load_weights
+from common.shapes import expect_shape
+
+from .backbone import ViTBackbone
+from .decoder import POSE_DIM, SHAPE_DIM, HandDecoder, HandPrediction, ManoParams, camera_features
+from .temporal import TemporalEncoder
+
+log = logging.getLogger(__name__)
+
+# A LightningModule holds the network as `net`; its checkpoints are loaded into a bare PoseNet through this.
+LIGHTNING_PREFIX_MAP = {"net.": ""}
+
+
+class Stage(str, enum.Enum):
+    STAGE1 = "stage1"  # single frame
+    STAGE2 = "stage2"  # sequence; temporal encoder refines the last frame
+
+
+class PoseNet(nn.Module):
+    """Hand pose network.
+
+    Args:
+        stage: ``stage1`` or ``stage2`` (Stage 2 adds the temporal encoder; the rest is identical, so Stage 1
+            weights load into it).
+        backbone: kwargs of :class:`ViTBackbone` (name, img_size, depth, weight, drop_path_rate).
+        decoder: kwargs of :class:`HandDecoder` (dim, depth, heads, ..., trans_bins); token width and count
+            come from the backbone.
+        temporal: kwargs of :class:`TemporalEncoder` (depth, heads, ...); used by Stage 2 only.
+        freeze_backbone: no gradients into the backbone, and it stays in eval mode.
+    """
+
+    def __init__(
+        self,
+        stage: str = "stage1",
+        backbone: Mapping | None = None,
+        decoder: Mapping | None = None,
+        temporal: Mapping | None = None,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        self.stage = Stage(stage)
+        self.backbone = ViTBackbone(**dict(backbone or {}))
+        self.decoder = HandDecoder(
+            in_dim=self.backbone.embed_dim, num_tokens=self.backbone.num_patches, **dict(decoder or {})
+        )
+        self.temporal = (
+            TemporalEncoder(self.decoder.dim, **dict(temporal or {})) if self.stage is Stage.STAGE2 else None
+        )
+        self.backbone_frozen = False
+        if freeze_backbone:
+            self.freeze_backbone()
+
+    @property
+    def token_dim(self) -> int:
+        return self.decoder.dim
+
+    @property
+    def img_size(self) -> int:
+        return self.backbone.img_size
+
+    @property
+    def trans_bin_centers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Translation bin centres x [Bx], y [By], z [Bz] in metres (the loss uses these same tensors)."""
+        return self.decoder.bin_centers
+
+    def freeze_backbone(self) -> None:
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.backbone_frozen = True
+
+    def train(self, mode: bool = True) -> PoseNet:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # no stochastic depth / dropout in a frozen backbone
+        return self
+
+    def load_stage1(self, path: str | Path) -> LoadReport:
+        """Load Stage 1 weights (Lightning .ckpt, .safetensors, .pt, Accelerate folder) and log what matched.
+
+        In a Stage 2 network the temporal encoder is expected to be missing; anything else missing, any
+        unexpected key or shape mismatch is logged as a warning. Loading nothing is an error.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"stage1_weight: {path} does not exist (train Stage 1 first, or fix the path)")
+        report = load_weights(self, path, prefix_map=LIGHTNING_PREFIX_MAP)
+        if not report.loaded:
+            raise ValueError(f"stage1_weight: no weights from {path} match this PoseNet ({report.summary()})")
+        missing = [k for k in report.missing if not k.startswith("temporal.")]
+        log.info("stage1 weights from %s: loaded %d tensors, %d expected-missing (the temporal encoder)",
+                 path, len(report.loaded), len(report.missing) - len(missing))
+        if missing or report.unexpected or report.mismatched:
+            log.warning(
+                "stage1 weights from %s: %d missing %s, %d unexpected %s, %d shape-mismatched %s",
+                path, len(missing), missing[:10], len(report.unexpected), report.unexpected[:10],
+                len(report.mismatched), report.mismatched[:10],
+            )
+        return report
+
+    def encode_frames(
+        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor
+    ) -> torch.Tensor:
+        """img [b, t, 3, H, W], bbox [b, t, 4], focal/princpt [b, t, 2] (crop pixels) -> hand tokens [b, t, d].
+
+        Per frame and independent across frames. ``bbox`` is checked but not needed: for an axis-aligned crop
+        the crop intrinsics already encode it (see ``camera_features``).
+        """
+        b, t = img.shape[:2]
+        size = self.img_size
+        expect_shape(img, (b, t, 3, size, size), "img")
+        expect_shape(bbox, (b, t, 4), "bbox")
+        expect_shape(focal, (b, t, 2), "focal")
+        expect_shape(princpt, (b, t, 2), "princpt")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            patches = self.backbone(rearrange(img, "b t c h w -> (b t) c h w"))
+        camera = camera_features(focal, princpt, (size, size))
+        tokens = self.decoder(patches, rearrange(camera, "b t c -> (b t) c"))
+        return expect_shape(rearrange(tokens, "(b t) d -> b t d", b=b), (b, t, self.token_dim), "frame tokens")
+
+    def refine_and_decode(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> HandPrediction:
+        """tokens [b, t, d], timestamp [b, t] -> (pose [b, 1, 48], shape [b, 1, 10], trans [b, 1, 3]), 3 x [b, 1, B]."""
+        b, t = tokens.shape[:2]
+        expect_shape(tokens, (b, t, self.token_dim), "tokens")
+        expect_shape(timestamp, (b, t), "timestamp")
+        if self.temporal is not None:
+            last = self.temporal(tokens, timestamp)
+        elif t == 1:
+            last = tokens
+        else:
+            raise ValueError(f"a stage1 PoseNet takes one frame per sample (t=1), got t={t}; use stage2")
+        last = expect_shape(last, (b, 1, self.token_dim), "last-frame token")
+        (pose, shape, trans), log_heatmaps = self.decoder.decode_token(rearrange(last, "b 1 d -> b d"))
+
+        def per_sample(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
+            return expect_shape(rearrange(x, "b d -> b 1 d"), (b, 1, width), name)
+
+        mano = ManoParams(
+            per_sample(pose, POSE_DIM, "pose"), per_sample(shape, SHAPE_DIM, "shape"), per_sample(trans, 3, "trans")
+        )
+        heatmaps = tuple(
+            per_sample(h, len(c), f"log_heatmap_{axis}")
+            for h, c, axis in zip(log_heatmaps, self.trans_bin_centers, "xyz")
+        )
+        return HandPrediction(mano, heatmaps)
+
+    def predict_mano_param(
+        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
+        timestamp: torch.Tensor,
+    ) -> HandPrediction:
+        """img [b, t, 3, H, W], bbox [b, t, 4], focal/princpt [b, t, 2], timestamp [b, t] -> last frame [b, 1, ...]."""
+        return self.refine_and_decode(self.encode_frames(img, bbox, focal, princpt), timestamp)
+
+    forward = predict_mano_param

@@ -1,0 +1,79 @@
+"""Temporal encoder for Stage 2: the last frame's hand token attends to all frames' tokens.
+
+Output is ``[b, 1, d]`` by construction (only the last frame is refined). Timestamps enter relative to the
+last frame, so dropped frames and irregular spacing need no special case. The output projection is
+zero-initialised: at step 0 the encoder returns the last frame's token unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from common.shapes import expect_shape
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of a time offset (seconds) over periods ``min_period..max_period``, then an MLP."""
+
+    def __init__(self, dim: int, num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0) -> None:
+        super().__init__()
+        periods = torch.logspace(math.log10(min_period), math.log10(max_period), num_freqs)
+        self.register_buffer("omega", 2 * math.pi / periods, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, dt: torch.Tensor) -> torch.Tensor:
+        """dt [...] seconds -> [..., dim]."""
+        phase = dt[..., None] * self.omega
+        return self.mlp(torch.cat([phase.sin(), phase.cos()], dim=-1))
+
+
+class TemporalBlock(nn.Module):
+    """Pre-norm cross-attention (query -> context) followed by an MLP, both residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """query [b, 1, d], context [b, t, d] -> [b, 1, d]."""
+        kv = self.norm_kv(context)
+        query = query + self.attn(self.norm_q(query), kv, kv, need_weights=False)[0]
+        return query + self.mlp(self.norm_mlp(query))
+
+
+class TemporalEncoder(nn.Module):
+    """tokens [b, t, d] + timestamps [b, t] -> refined last-frame token [b, 1, d]."""
+
+    def __init__(
+        self, dim: int, depth: int = 1, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
+        num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.time_embed = TimeEmbedding(dim, num_freqs, min_period, max_period)
+        self.blocks = nn.ModuleList(TemporalBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)  # identity at initialisation: Stage 2 starts as Stage 1
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> torch.Tensor:
+        """tokens [b, t, d], timestamp [b, t] (seconds) -> [b, 1, d] (the last frame, refined)."""
+        b, t = tokens.shape[:2]
+        expect_shape(tokens, (b, t, self.dim), "temporal tokens")
+        expect_shape(timestamp, (b, t), "timestamp")
+        last = tokens[:, -1:]
+        time = self.time_embed(timestamp - timestamp[:, -1:])  # [b, t, d], offsets <= 0 seconds
+        context = tokens + time
+        query = last + time[:, -1:]
+        for block in self.blocks:
+            query = block(query, context)
+        return expect_shape(last + self.out(self.norm(query)), (b, 1, self.dim), "refined token")

@@ -1,0 +1,166 @@
+"""Evaluation command and tracker demo on tiny Stage 1 / Stage 2 runs made from the real configs.
+
+A run folder is built the way common.train builds it (composed configs, resolved config.yaml, a Lightning
+checkpoint from a real Trainer). The reported MPJPE and root error of the model and of the mean-pose baseline are
+checked against numpy recomputations from the checkpoint's own weights and the dataset's frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import imageio_ffmpeg
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from common.mano import ManoLayer
+from handpose import demo, evaluate
+from handpose.data.dataset import HandWindowDataset
+from handpose.data.synthetic import SyntheticConfig, generate_dataset
+from handpose.metrics import METRIC_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+IMG = 32
+TINY = SyntheticConfig(seed=1, num_seqs=3, image_size=64, min_frames=10, max_frames=10)
+TINY_MODEL = [
+    f"model.net.backbone.img_size={IMG}", "model.net.backbone.depth=1", "model.net.decoder.dim=32",
+    "model.net.decoder.depth=1", "model.net.decoder.heads=2", "model.stage1_weight=null", "model.num_vis=2",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("eval") / "hands", TINY, workers=1)
+
+
+def make_run(out_root: Path, data_root: Path, stage: str, num_frame: int) -> Path:
+    """Train one step of a tiny run with a real Trainer; returns ``<run>/checkpoints/last.ckpt``."""
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    overrides = [
+        "data=hand_synthetic", f"model=handpose_{stage}", f"experiment_name={stage}", f"paths.output_root={out_root}",
+        f"data.root={data_root}", f"data.img_size={IMG}", f"data.num_frame={num_frame}", "data.batch_size=4",
+        "data.num_workers=0", "data.generate_if_missing=false", *TINY_MODEL,
+    ]
+    if stage == "stage2":
+        overrides.append("model.net.temporal.heads=2")
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(0)
+    lit, dm = instantiate(cfg.model), instantiate(cfg.data)
+    if stage == "stage2":  # leave the zero initialisation so the temporal path matters
+        torch.nn.init.normal_(lit.net.temporal.out.weight, std=0.2)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=run_dir)
+    trainer.fit(lit, datamodule=dm)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_root) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    return {"stage1": make_run(out, data_root, "stage1", 1), "stage2": make_run(out, data_root, "stage2", 3)}
+
+
+def _samples(root: Path, split: str, num_frame: int) -> dict[str, np.ndarray]:
+    ds = HandWindowDataset(root, split, num_frame=num_frame, img_size=IMG)
+    samples = [ds[i] for i in range(len(ds))]
+    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def _mpjpe_and_root_mm(joints_pred: np.ndarray, joints_gt: np.ndarray) -> tuple[float, float]:
+    """float64 numpy: root-relative MPJPE and wrist error (mm) over [n, 21, 3] camera-space joints."""
+    rel = (joints_pred - joints_pred[:, :1]) - (joints_gt - joints_gt[:, :1])
+    return 1000 * np.linalg.norm(rel, axis=-1).mean(), 1000 * np.linalg.norm(joints_pred[:, 0] - joints_gt[:, 0], axis=-1).mean()
+
+
+@pytest.mark.parametrize(("stage", "num_frame", "split"), [("stage1", 1, "val"), ("stage2", 3, "test")])
+def test_evaluate_writes_all_metrics_and_the_baseline_matching_a_recomputation(
+    runs, data_root, tmp_path, stage, num_frame, split
+):
+    out = tmp_path / "eval.json"
+    evaluate.main(["--ckpt", str(runs[stage]), "--split", split, "--json", str(out), "--no-progress"])
+    report = json.loads(out.read_text())
+    assert set(report["metrics"]) == set(METRIC_NAMES) and set(report["baseline"]) == set(METRIC_NAMES)
+    assert all(np.isfinite(v) for v in [*report["metrics"].values(), *report["baseline"].values()])
+    assert report["split"] == split and report["num_frame"] == num_frame and report["stage"] == stage
+
+    # Recompute from the checkpoint tensors and the dataset, without the evaluation code.
+    state = torch.load(runs[stage], map_location="cpu", weights_only=False)["state_dict"]
+    lit, _ = evaluate.load_checkpoint(runs[stage])
+    for k, v in lit.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    ev = _samples(data_root, split, num_frame)
+    valid = ev["valid"][:, -1]
+    assert report["num_evaluated"] == int(valid.sum()) > 0
+    mano = ManoLayer()
+    with torch.no_grad():
+        (pose, shape, trans), _ = lit.net.predict_mano_param(*(torch.from_numpy(ev[k]) for k in
+                                                             ("img", "bbox", "focal", "princpt", "timestamp")))
+        joints_pred = mano(pose[:, 0], shape[:, 0], trans[:, 0]).joints.double().numpy()
+    gt = ev["joints_cam"][:, -1].astype(np.float64)
+    mpjpe, root = _mpjpe_and_root_mm(joints_pred[valid], gt[valid])
+    assert report["metrics"]["mpjpe"] == pytest.approx(mpjpe, rel=1e-4)
+    assert report["metrics"]["root_err"] == pytest.approx(root, rel=1e-4)
+
+    train = _samples(data_root, "train", 1)
+    keep = train["valid"][:, 0]
+    mean = {k: train[k][:, 0][keep].astype(np.float64).mean(0) for k in ("mano_pose", "mano_shape", "mano_trans")}
+    with torch.no_grad():
+        base = mano(*(torch.from_numpy(mean[k]).float()[None] for k in ("mano_pose", "mano_shape", "mano_trans")))
+    mpjpe_b, root_b = _mpjpe_and_root_mm(np.repeat(base.joints.double().numpy(), int(valid.sum()), 0), gt[valid])
+    assert report["baseline"]["mpjpe"] == pytest.approx(mpjpe_b, rel=1e-4)
+    assert report["baseline"]["root_err"] == pytest.approx(root_b, rel=1e-4)
+    assert "PA-MPJPE" in evaluate.format_table(report)
+
+
+def test_evaluate_default_json_next_to_the_run_and_clear_errors(runs, tmp_path):
+    report = evaluate.main(["--ckpt", str(runs["stage1"]), "--split", "val", "--no-baseline", "--no-progress"])
+    path = runs["stage1"].parent.parent / "eval" / "last_val.json"
+    assert json.loads(path.read_text())["metrics"] == report["metrics"] and report["baseline"] is None
+    with pytest.raises(ValueError, match="stage1 model"):
+        evaluate.evaluate(runs["stage1"], "val", num_frame=3)
+    lonely = tmp_path / "elsewhere" / "last.ckpt"
+    lonely.parent.mkdir()
+    lonely.write_bytes(runs["stage1"].read_bytes())
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        evaluate.load_checkpoint(lonely)
+
+
+def test_demo_writes_an_overlay_video_of_every_frame(runs, data_root, tmp_path):
+    path = demo.main(["--ckpt", str(runs["stage2"]), "--out", str(tmp_path / "demo.mp4"), "--max-frames", "6"])
+    assert path.exists() and path.stat().st_size > 0
+    if path.suffix == ".mp4":
+        assert imageio_ffmpeg.count_frames_and_secs(str(path))[0] == 6
+    else:
+        import imageio.v3 as iio
+
+        assert iio.imread(path, index=None).shape[0] == 6
+    gif = demo.main(["--ckpt", str(runs["stage1"]), "--out", str(tmp_path / "demo.gif"), "--max-frames", "3",
+                     "--sequence", str(data_root / "seq_0000")])
+    import imageio.v3 as iio
+
+    frames = iio.imread(gif, index=None)
+    assert frames.shape[0] == 3
+    # both skeleton colours are drawn (GT red, prediction green) on the upscaled frames
+    assert ((frames[..., 0] > 200) & (frames[..., 1] < 100)).any() and ((frames[..., 1] > 200) & (frames[..., 0] < 100)).any()

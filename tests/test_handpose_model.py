@@ -1,0 +1,263 @@
+"""PoseNet shapes, Stage 1 -> Stage 2 equivalence and weight loading, backbone freezing, HandPoseLit wiring.
+
+Regression of seed 000: after the temporal encoder the sequence axis is 1, and no reshape may fold the batch
+(`b` samples must stay `b` independent samples, whatever t is).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from test_handpose_loss import TRANS_BINS, make_hand_batch
+from torch.utils.data import DataLoader
+
+from common.shapes import ShapeError
+from handpose.lit import HandPoseLit, draw_keypoint_grid, warmup_cosine
+from handpose.loss import HandPoseLoss
+from handpose.model import PoseNet, ViTBackbone, camera_features
+
+IMG = 32
+BACKBONE = {"name": "vit_tiny_patch16_224", "img_size": IMG, "depth": 1}
+DECODER = {"dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "trans_bins": TRANS_BINS}
+TEMPORAL = {"depth": 1, "heads": 2, "mlp_ratio": 2.0}
+
+
+def make_net(stage: str, seed: int = 0, **kwargs) -> PoseNet:
+    torch.manual_seed(seed)
+    return PoseNet(stage, backbone=BACKBONE, decoder=DECODER, temporal=TEMPORAL, **kwargs).eval()
+
+
+def inputs(b: int, t: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    batch = make_hand_batch(b, t, IMG, seed=seed)
+    return batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"]
+
+
+def with_nonzero_temporal_output(net: PoseNet) -> PoseNet:
+    """A Stage 2 net whose temporal encoder has left its identity initialisation (as after training)."""
+    with torch.no_grad():
+        torch.nn.init.normal_(net.temporal.out.weight, std=0.2)
+    return net
+
+
+@pytest.fixture(scope="module")
+def nets() -> dict[str, PoseNet]:
+    return {"stage1": make_net("stage1"), "stage2": with_nonzero_temporal_output(make_net("stage2"))}
+
+
+@pytest.mark.parametrize("b", [1, 5, 14])
+@pytest.mark.parametrize(("stage", "t"), [("stage1", 1), ("stage2", 1), ("stage2", 7)])
+def test_output_is_last_frame_per_sample(nets, stage, t, b):
+    net = nets[stage]
+    with torch.no_grad():
+        (pose, shape, trans), heatmaps = net.predict_mano_param(*inputs(b, t))
+    assert pose.shape == (b, 1, 48) and shape.shape == (b, 1, 10) and trans.shape == (b, 1, 3)
+    assert [h.shape for h in heatmaps] == [(b, 1, len(c)) for c in net.trans_bin_centers]
+
+
+def test_samples_stay_independent_across_the_batch(nets):
+    """Seed bug: a `(b t)` reshape with the wrong t mixed samples. Each output row must be its own sample's."""
+    net = nets["stage2"]
+    img, bbox, focal, princpt, timestamp = inputs(14, 7)
+    with torch.no_grad():
+        together = net(img, bbox, focal, princpt, timestamp)
+        for i in (0, 6, 13):
+            alone = net(img[i : i + 1], bbox[i : i + 1], focal[i : i + 1], princpt[i : i + 1], timestamp[i : i + 1])
+            for a, b in zip((*together.mano, *together.log_heatmaps), (*alone.mano, *alone.log_heatmaps)):
+                torch.testing.assert_close(a[i : i + 1], b, atol=1e-5, rtol=1e-5)
+
+
+def test_stage2_uses_earlier_frames_and_their_timestamps(nets):
+    net = nets["stage2"]
+    img, bbox, focal, princpt, timestamp = inputs(2, 5)
+    with torch.no_grad():
+        base = net(img, bbox, focal, princpt, timestamp).mano.pose
+        other_frame = img.clone()
+        other_frame[:, 0] = torch.randn_like(other_frame[:, 0])
+        assert not torch.allclose(base, net(other_frame, bbox, focal, princpt, timestamp).mano.pose)
+        later = timestamp.clone()
+        later[:, :-1] -= 0.2  # a dropped-frame gap before the last frame
+        assert not torch.allclose(base, net(img, bbox, focal, princpt, later).mano.pose)
+        # only offsets from the last frame matter, not the clock's origin
+        shifted = net(img, bbox, focal, princpt, timestamp + 3.0).mano.pose
+        torch.testing.assert_close(base, shifted, atol=1e-4, rtol=0)
+
+
+def test_stage1_refuses_sequences(nets):
+    with pytest.raises(ValueError, match="t=7"):
+        nets["stage1"](*inputs(2, 7))
+
+
+def test_wrong_crop_size_is_a_shape_error(nets):
+    img, bbox, focal, princpt, timestamp = inputs(2, 1)
+    with pytest.raises(ShapeError, match="img"):
+        nets["stage1"](img[..., :16, :16], bbox, focal, princpt, timestamp)
+
+
+def test_predict_is_encode_then_refine(nets):
+    net = nets["stage2"]
+    img, bbox, focal, princpt, timestamp = inputs(3, 4)
+    with torch.no_grad():
+        tokens = net.encode_frames(img, bbox, focal, princpt)
+        assert tokens.shape == (3, 4, net.token_dim)
+        # per frame: encoding frames one at a time gives the same tokens (a tracker's ring buffer)
+        one_by_one = torch.cat([net.encode_frames(img[:, i : i + 1], bbox[:, i : i + 1], focal[:, i : i + 1],
+                                                  princpt[:, i : i + 1]) for i in range(4)], dim=1)
+        torch.testing.assert_close(tokens, one_by_one, atol=1e-5, rtol=1e-5)
+        composed = net.refine_and_decode(tokens, timestamp)
+        direct = net.predict_mano_param(img, bbox, focal, princpt, timestamp)
+    for a, b in zip((*composed.mano, *composed.log_heatmaps), (*direct.mano, *direct.log_heatmaps)):
+        assert torch.equal(a, b)
+
+
+def test_trans_is_the_expectation_of_the_heatmaps(nets):
+    with torch.no_grad():
+        (_, _, trans), heatmaps = nets["stage2"](*inputs(5, 3))
+    for axis, (log_hm, centers) in enumerate(zip(heatmaps, nets["stage2"].trans_bin_centers)):
+        torch.testing.assert_close(log_hm.double().exp().sum(-1), torch.ones(5, 1, dtype=torch.float64))
+        expected = (log_hm.double().exp() * centers.double()).sum(-1)
+        torch.testing.assert_close(trans[..., axis].double(), expected, atol=1e-6, rtol=0)
+        assert centers[0] == TRANS_BINS["xyz"[axis]]["min"] and centers[-1] == pytest.approx(
+            TRANS_BINS["xyz"[axis]]["max"])
+
+
+def test_stage2_at_initialisation_equals_stage1_on_the_last_frame():
+    stage1 = make_net("stage1", seed=1)
+    stage2 = make_net("stage2", seed=2)
+    result = stage2.load_state_dict(stage1.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(k.startswith("temporal.") for k in result.missing_keys)
+    img, bbox, focal, princpt, timestamp = inputs(4, 7)
+    with torch.no_grad():
+        seq = stage2(img, bbox, focal, princpt, timestamp)
+        last = stage1(img[:, -1:], bbox[:, -1:], focal[:, -1:], princpt[:, -1:], timestamp[:, -1:])
+    for a, b in zip((*seq.mano, *seq.log_heatmaps), (*last.mano, *last.log_heatmaps)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def _assert_stage1_loaded(stage2: PoseNet, stage1: PoseNet, report) -> None:
+    reference = stage1.state_dict()
+    for key, value in stage2.state_dict().items():
+        if key.startswith("temporal."):
+            continue
+        assert torch.equal(value, reference[key]), key
+    assert report.loaded and not report.mismatched
+    assert report.missing and all(k.startswith("temporal.") for k in report.missing)
+
+
+def test_load_stage1_from_a_lightning_checkpoint_dict(tmp_path):
+    stage1 = make_net("stage1", seed=1)
+    state = {f"net.{k}": v for k, v in stage1.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 10}, tmp_path / "last.ckpt")
+    stage2 = make_net("stage2", seed=2)
+    _assert_stage1_loaded(stage2, stage1, stage2.load_stage1(tmp_path / "last.ckpt"))
+
+
+def test_load_stage1_from_an_accelerate_folder(tmp_path):
+    stage1 = make_net("stage1", seed=1)
+    folder = tmp_path / "checkpoint-9000"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in stage1.state_dict().items()}, folder / "model.safetensors")
+    stage2 = make_net("stage2", seed=2)
+    _assert_stage1_loaded(stage2, stage1, stage2.load_stage1(folder))
+
+
+def test_missing_weight_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage1_weight"):
+        make_net("stage2").load_stage1(tmp_path / "nope.ckpt")
+    with pytest.raises(FileNotFoundError, match="backbone.weight"):
+        PoseNet("stage1", backbone={**BACKBONE, "weight": str(tmp_path / "vit.safetensors")}, decoder=DECODER)
+
+
+def test_backbone_loads_a_timm_file_of_another_resolution(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=1, num_classes=0)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "vit.safetensors")
+    report = ViTBackbone(**BACKBONE).load_pretrained(tmp_path / "vit.safetensors")
+    assert report.clean, report.summary()
+    backbone = ViTBackbone(weight=str(tmp_path / "vit.safetensors"), **BACKBONE)  # the configured path
+    assert torch.equal(backbone.vit.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    # the 4x4 position grid of 64 px was resampled to our 2x2 grid of 32 px (prefix token kept)
+    assert backbone.vit.pos_embed.shape == (1, 1 + 4, 192)
+    assert torch.equal(backbone.vit.pos_embed[:, 0], source.pos_embed[:, 0])
+
+
+def test_freeze_backbone_freezes_it_and_keeps_it_in_eval_mode():
+    net = make_net("stage2", freeze_backbone=True).train()
+    assert all(not p.requires_grad for p in net.backbone.parameters())
+    assert all(p.requires_grad for n, p in net.named_parameters() if not n.startswith("backbone."))
+    assert not net.backbone.training and net.decoder.training
+    (pose, _, _), _ = net(*inputs(2, 3))
+    pose.sum().backward()
+    assert all(p.grad is None for p in net.backbone.parameters())
+    assert net.decoder.query.grad is not None
+
+
+def test_camera_features_equal_the_original_image_ray_and_scale():
+    batch = make_hand_batch(6, 2, IMG)
+    box = batch["bbox"]
+    centre, size = (box[..., :2] + box[..., 2:]) / 2, box[..., 2:] - box[..., :2]
+    expected = torch.cat([(centre - batch["orig_princpt"]) / batch["orig_focal"],
+                          torch.log(size / batch["orig_focal"])], -1)
+    features = camera_features(batch["focal"], batch["princpt"], (IMG, IMG))
+    torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6) and lrs[-1] > 0.1 - 1e-9
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_keypoint_grid_draws_both_skeletons():
+    batch = make_hand_batch(3, 1, IMG)
+    grid = draw_keypoint_grid(batch["img"][:, -1], batch["joints_2d"][:, -1], batch["joints_2d"][:, -1] + 3.0)
+    assert grid.dtype.name == "uint8" and grid.shape[2] == 3 and grid.shape[1] == 3 * grid.shape[0]
+    assert ((grid[..., 0] == 255) & (grid[..., 1] == 64)).any() and ((grid[..., 1] == 255) & (grid[..., 0] == 64)).any()
+
+
+def _lit(net: PoseNet, **kwargs) -> HandPoseLit:
+    return HandPoseLit(
+        net=net, loss=HandPoseLoss(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        scheduler=functools.partial(warmup_cosine, warmup_steps=2), **kwargs,
+    )
+
+
+def test_lightning_fit_then_stage2_loads_the_checkpoint(tmp_path):
+    """Stage 1 trained by a real Trainer; its checkpoint initialises Stage 2 through HandPoseLit.setup."""
+    batches = [make_hand_batch(4, 1, IMG, seed=s) for s in range(3)]
+    loader = DataLoader(batches, batch_size=None)
+    lit1 = _lit(make_net("stage1", seed=1), backbone_lr_scale=0.1).train()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(lit1, train_dataloaders=loader, val_dataloaders=loader)
+    logged = trainer.callback_metrics
+    for key in ("train/loss", "train/joints_2d", "val/mpjpe", "val/pa_mpjpe", "val/mpvpe", "val/pa_mpvpe",
+                "val/f5", "val/f15", "val/root_err", "val/auc"):
+        assert key in logged and torch.isfinite(logged[key]), key
+    groups = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+    assert groups["backbone"] == pytest.approx(0.1 * groups["head"])
+    trainer.save_checkpoint(tmp_path / "stage1.ckpt")
+
+    lit2 = _lit(make_net("stage2", seed=2, freeze_backbone=True), stage1_weight=str(tmp_path / "stage1.ckpt"))
+    lit2.setup("fit")
+    _assert_stage1_loaded(lit2.net, lit1.net, lit2.net.load_stage1(tmp_path / "stage1.ckpt"))
+    seq = make_hand_batch(2, 7, IMG, seed=9)
+    lit1.eval()
+    lit2.eval()
+    with torch.no_grad():
+        last = {k: v[:, -1:] for k, v in seq.items()}
+        torch.testing.assert_close(lit2(seq).mano.pose, lit1(last).mano.pose, atol=1e-6, rtol=0)
+    # a frozen backbone gets no optimizer group
+    lit2.trainer = trainer
+    assert [g["name"] for g in lit2.configure_optimizers()["optimizer"].param_groups] == ["head"]
