@@ -98,3 +98,6 @@ render-gesture: $(STAMP)
 
 bench-mamba: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.bench_mamba
+
+infer-mambatalk: $(STAMP)
+	$(PY) -m gesture.infer --ckpt outputs/mambatalk/$(or $(RUN),mambatalk)/checkpoints/last.ckpt --split test --out-dir outputs/mambatalk/$(or $(RUN),mambatalk)/infer_test $(ARGS)

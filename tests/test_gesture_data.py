@@ -24,6 +24,7 @@ from gesture.data.speakers import SpeakerMap, speaker_from_name
 from gesture.data.synthetic import SyntheticConfig, generate
 from gesture.data.textgrid import PAD, UNK, Vocabulary, frame_words, read_words
 from gesture.layout import PARTS, POSE_DIM, SUB_SLICES
+from gesture.metrics import BC_PARAM_GROUPS, group_speed, motion_beats
 
 TINY = SyntheticConfig(seed=3, num_speakers=2, clips_per_speaker=2, seconds=4.0, unknown_clips=1)
 VICTIM = "2_scott_0_1_1"  # a training clip; the corpus keeps other training data without it
@@ -334,20 +335,32 @@ def test_synthetic_is_deterministic_for_a_seed(tmp_path):
     assert not np.array_equal(a["2_scott_0_1_1.npz"]["hand_pose_params"], c["2_scott_0_1_1.npz"]["hand_pose_params"])
 
 
-def test_synthetic_motion_speed_peaks_follow_audio_onsets(tiny):
-    """Onsets from librosa on the written wav (not the generator's syllable list) vs joint-parameter speed."""
-    ratios = []
+def test_synthetic_stroke_apexes_are_bc_motion_beats_at_audio_onsets(tiny):
+    """Speed minima (BC's motion beats) sit on the audio onsets and the speed peaks follow them.
+
+    Onsets from librosa on the written wav (not the generator's syllable list); motion beats from the metric's
+    own extraction (local minima over +-7 frames of the body / hand parameter speed, above 0.3 of its mean). The
+    previous generator put the speed peaks on the onsets: its few beats lay between them.
+    """
+    near, chance, beats_per_s, profile = [], [], [], []
     for npz in sorted((tiny / "mhr_30").glob("*.npz")):
-        with np.load(npz) as z:
-            motion = np.concatenate([z["body_pose_params"][:, :130], z["hand_pose_params"]], 1)
+        clip = load_clip(tiny, npz.stem)
         wave, sr = sf.read(str(tiny / "wave16k" / f"{npz.stem}.wav"), dtype="float32")
         onsets = np.round(librosa.onset.onset_detect(y=wave, sr=sr, units="time", hop_length=160) * 30).astype(int)
-        speed = np.linalg.norm(np.diff(motion, axis=0), axis=1)
-        near = np.zeros(len(speed), bool)
-        for f in onsets:
-            near[max(f - 2, 0):f + 3] = True
-        ratios.append(speed[near].mean() / speed[~near].mean())
-    assert min(ratios) > 1.5, ratios
+        speed = group_speed(clip.vec, 30.0, BC_PARAM_GROUPS)
+        scale = speed.mean(axis=0)
+        t, skip = speed.shape[0], 8
+        for beats in motion_beats(speed, scale, skip=skip):
+            near += [np.abs(onsets - b).min() <= 1 for b in beats]
+            beats_per_s.append(len(beats) / ((t - 2 * skip) / 30))
+        frames = np.arange(skip, t - skip)
+        chance += list(np.abs(frames[:, None] - onsets[None]).min(axis=1) <= 1)
+        inside = onsets[(onsets >= 3) & (onsets < t - 6)]
+        profile.append(np.stack([speed[inside + lag] / scale for lag in range(-1, 6)], axis=-1).reshape(-1, 7))
+    assert np.mean(beats_per_s) > 1.0, beats_per_s
+    assert np.mean(near) > max(0.6, np.mean(chance) + 0.3), (np.mean(near), np.mean(chance))
+    median = np.median(np.concatenate(profile), axis=0)  # normalised speed at lags -1..5 frames from an onset
+    assert median[:3].min() < 0.75 and median[4:].max() > 1.5 * median[:3].min(), median
 
 
 def test_synthetic_clip_passes_the_loader(tiny):

@@ -1,8 +1,9 @@
 """A small deterministic corpus in the BEAT2-like MHR format, so the gesture pipeline runs without real data.
 
 Speech-like 16 kHz audio (voiced syllables with harmonics and formants, consonant noise bursts, pauses), word
-TextGrids, and MHR-layout motion driven by that audio: body / hand strokes whose speed peaks at syllable onsets
-(stronger on stressed ones), jaw and expression following the loudness, slow global sway, foot steps.
+TextGrids, and MHR-layout motion driven by that audio: body and hand gestures whose speed peaks follow syllable and
+stress onsets (each stroke reaches its apex, a pose extreme and speed minimum, on an onset: the motion beats of beat
+consistency), jaw and expression following the loudness, slow global sway, foot steps.
 ``python -m gesture.data.synthetic --out DIR --seed S``. Not a model of real gesture, only of its timing.
 """
 
@@ -26,7 +27,7 @@ from scipy.signal import butter, sosfilt
 
 from gesture.data.audio import frame_bounds
 from gesture.data.corpus import CorpusConfig, foot_contact
-from gesture.layout import BODY_DIM, CONTACT_JOINTS, EXPR_DIM, HAND_DIM, JAW_DIM
+from gesture.layout import BODY_DIM, CONTACT_JOINTS, EXPR_DIM, HAND_DIM, HAND_PCA_DIM, JAW_DIM
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ BEAT_SPEAKERS: tuple[tuple[int, str], ...] = (
 )
 VOWEL_FORMANTS = ((730, 1090, 2440), (270, 2290, 3010), (530, 1840, 2480), (570, 840, 2410), (300, 870, 2240),
                   (660, 1720, 2410))
-LATENT = 6  # gesture latent dims per stream (body, hands)
+LATENT = 6  # stroke latent dims per stream (body, hands); the idle drift adds 2
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class Speaker:
     rest_body: np.ndarray
     rest_hand: np.ndarray
     hand_bias: np.ndarray  # [2] left / right activity
+    stroke_gap: float  # seconds; shortest time between two stroke apexes (gesture rhythm)
+    drift: float  # idle drift speed / mean stroke speed
+    drift_period: float  # seconds per idle-drift circle
     shape: np.ndarray
     scale: np.ndarray
     size: tuple[int, int]
@@ -87,7 +91,8 @@ def _speaker(seed: int, index: int, raw_id: int) -> Speaker:
         amp=float(rng.uniform(0.6, 1.4)), stress_prob=float(rng.uniform(0.3, 0.6)),
         rest_body=rng.normal(0, 0.15, BODY_DIM), rest_hand=rng.normal(0, 0.3, HAND_DIM),
         hand_bias=rng.uniform(0.5, 1.5, 2), shape=rng.normal(0, 0.5, 45), scale=rng.normal(0, 0.1, 28),
-        size=((1920, 1080), (1280, 720))[index % 2],
+        size=((1920, 1080), (1280, 720))[index % 2], stroke_gap=float(rng.uniform(0.27, 0.31)),
+        drift=float(rng.uniform(0.45, 0.6)), drift_period=float(rng.uniform(2.5, 4.0)),
     )
 
 
@@ -151,21 +156,78 @@ def _speech(rng: np.random.Generator, spk: Speaker, seconds: float, sr: int):
 
 
 # ---------------------------------------------------------------------------------------------- motion
-def _strokes(rng: np.random.Generator, onsets: np.ndarray, weights: np.ndarray, n: int, amp: float) -> np.ndarray:
-    """Latent trajectory ``[n, LATENT]``: a minimum-jerk stroke per onset whose speed peaks at the onset frame."""
-    vel = np.zeros((n + 16, LATENT))
+def _stroke_times(syllables: list, fps: float, min_gap: float) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (float) of the stroke apexes and their weights: stressed syllable onsets first, then unstressed ones,
+    never two apexes closer than ``min_gap`` seconds (BC's motion beats are speed minima over +-7 frames)."""
+    onsets = np.array([s[0] for s in syllables]) * fps
+    stressed = np.array([s[2] for s in syllables], dtype=bool)
+    chosen: list[int] = []
+    for candidates in (np.flatnonzero(stressed), np.flatnonzero(~stressed)):
+        for i in candidates:
+            if all(abs(onsets[i] - onsets[j]) >= min_gap * fps for j in chosen):
+                chosen.append(int(i))
+    chosen.sort()
+    return onsets[chosen], np.where(stressed[chosen], 1.0, 0.35)
+
+
+def _min_jerk_path(knots: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """``knots [K]`` (frames, increasing), ``keys [K, L]`` -> ``[n, L]``: minimum-jerk moves from key to key, at rest
+    (zero velocity and acceleration) on every knot, holding the first / last key outside them."""
+    frames = np.arange(n, dtype=np.float64)
+    seg = np.clip(np.searchsorted(knots, frames, side="right") - 1, 0, len(knots) - 2)
+    tau = np.clip((frames - knots[seg]) / (knots[seg + 1] - knots[seg]), 0.0, 1.0)
+    s = 10 * tau**3 - 15 * tau**4 + 6 * tau**5
+    return keys[seg] + s[:, None] * (keys[seg + 1] - keys[seg])
+
+
+def _strokes(rng: np.random.Generator, apexes: np.ndarray, weights: np.ndarray, n: int, amp: float,
+             fps: float) -> np.ndarray:
+    """Stroke latent ``[n, LATENT]``: one key pose (a pose extreme) per apex frame, with minimum-jerk moves from
+    key to key, so the stroke speed is zero exactly at the apexes (onsets) and peaks between them. Each key is the
+    previous one pulled halfway back to rest plus a random direction scaled by the stroke weight; the limbs
+    retract to rest in gaps longer than about a second and after the last stroke."""
+    if len(apexes) == 0:
+        return np.zeros((n, LATENT))
+    prep = 0.4 * fps  # preparation from rest / retraction to rest
+    knots, keys = [apexes[0] - prep], [np.zeros(LATENT)]
     pos = np.zeros(LATENT)
-    for f, w in zip(onsets, weights):
-        dur = int(rng.integers(6, 10))
-        start = int(round(f)) - dur // 2
+    for k, (f, w) in enumerate(zip(apexes, weights)):
+        if k and f - knots[-1] > 2 * prep + 0.3 * fps:
+            knots += [knots[-1] + prep, f - prep]
+            keys += [np.zeros(LATENT), np.zeros(LATENT)]
+            pos = np.zeros(LATENT)
         direction = rng.standard_normal(LATENT)
-        delta = w * amp * direction / np.linalg.norm(direction) - 0.5 * pos  # pulled back toward rest
-        tau = np.linspace(0.0, 1.0, dur + 1)
-        s = 10 * tau**3 - 15 * tau**4 + 6 * tau**5
-        lo = max(start, 0)
-        vel[lo:start + dur] += np.diff(s)[lo - start:, None] * delta
-        pos = pos + delta
-    return np.cumsum(vel[:n], axis=0)
+        pos = 0.5 * pos + w * amp * direction / np.linalg.norm(direction)
+        knots.append(f)
+        keys.append(pos)
+    knots.append(knots[-1] + prep)
+    keys.append(np.zeros(LATENT))
+    return _min_jerk_path(np.array(knots), np.stack(keys), n)
+
+
+def _drift(rng: np.random.Generator, n: int, speed: float, period: float, fps: float) -> np.ndarray:
+    """Idle drift ``[n, 2]``: a slow circle at constant ``speed`` (latent units per frame). Laid on directions
+    orthogonal to the strokes it keeps the limbs moving, so an apex is a speed minimum above BC's stillness
+    threshold (0.3 of the mean speed) rather than a full stop."""
+    omega = 2 * np.pi / (period * fps)
+    phase = omega * np.arange(n) + rng.uniform(0, 2 * np.pi)
+    return speed / omega * np.stack([np.cos(phase), np.sin(phase)], 1)
+
+
+def _gesture_latent(rng: np.random.Generator, spk: Speaker, apexes: np.ndarray, weights: np.ndarray, n: int,
+                    fps: float) -> np.ndarray:
+    """``[n, LATENT + 2]``: the speaker's strokes, then their idle drift at ``spk.drift`` times the strokes' mean
+    speed, so the speed at an apex is about 0.4 of the mean speed: above BC's 0.3 threshold, clearly a minimum."""
+    strokes = _strokes(rng, apexes, weights, n, spk.amp, fps)
+    stroke_speed = np.linalg.norm(np.diff(strokes, axis=0), axis=1).mean() if n > 1 else 0.0
+    drift = _drift(rng, n, spk.drift * max(stroke_speed, 1e-3 * spk.amp), spk.drift_period, fps)
+    return np.concatenate([strokes, drift], 1)
+
+
+def _orthonormal_rows(rng: np.random.Generator, rows: int, weights: np.ndarray) -> np.ndarray:
+    """``[rows, D]`` orthonormal rows, biased toward the dims with large ``weights [D]`` (the joints that move)."""
+    q, _ = np.linalg.qr((rng.normal(0, 1, (rows, len(weights))) * weights).T)
+    return q.T
 
 
 def _feet(rng: np.random.Generator, n: int, fps: float) -> np.ndarray:
@@ -192,7 +254,7 @@ def _keypoints(rng: np.random.Generator, feet: np.ndarray, body_latent: np.ndarr
     """MHR70-shaped keypoints ``[n, 70, 3]`` (metres): a standing template, arms moving with the body latent."""
     n = len(feet)
     template = np.stack([rng.uniform(-0.3, 0.3, 70), rng.uniform(0.9, 1.7, 70), rng.uniform(-0.1, 0.1, 70)], 1)
-    mix = rng.normal(0, 0.05, (LATENT, 70 * 3))
+    mix = rng.normal(0, 0.05, (body_latent.shape[1], 70 * 3))
     kp = template[None] + (body_latent @ mix).reshape(n, 70, 3)
     kp[:, list(CONTACT_JOINTS.values())] = feet
     return kp.astype(np.float32)
@@ -203,16 +265,15 @@ def _clip(cfg: SyntheticConfig, index: int, spk: Speaker, seconds: float, mixing
     rng = np.random.default_rng([cfg.seed, index])
     wave, syllables, words = _speech(rng, spk, seconds, cfg.sr)
     n = int(round(seconds * cfg.fps))
-    onsets = np.array([s[0] for s in syllables]) * cfg.fps
-    weights = np.array([1.0 if s[2] else 0.35 for s in syllables])
-    body_lat = _strokes(rng, onsets, weights, n, spk.amp)
-    hand_lat = _strokes(rng, onsets, weights * 1.2, n, spk.amp)
+    apexes, weights = _stroke_times(syllables, cfg.fps, spk.stroke_gap)
+    body_lat = _gesture_latent(rng, spk, apexes, weights, n, cfg.fps)
+    hand_lat = _gesture_latent(rng, spk, apexes, weights * 1.2, n, cfg.fps)
     t = np.arange(n) / cfg.fps
     breath = 0.02 * np.sin(2 * np.pi * 0.25 * t + rng.uniform(0, 2 * np.pi))
-    tremor = gaussian_filter1d(rng.normal(0, 0.01, (n, BODY_DIM)), 2.0, axis=0)
+    tremor = gaussian_filter1d(rng.normal(0, 0.002, (n, BODY_DIM)), 2.0, axis=0)  # too faint to move a minimum
     body = spk.rest_body + body_lat @ mixing["body"] + breath[:, None] * mixing["breath"] + tremor
-    hand = hand_lat @ mixing["hand"]
-    hand = spk.rest_hand + np.concatenate([hand[:, :54] * spk.hand_bias[0], hand[:, 54:] * spk.hand_bias[1]], 1)
+    hand = spk.rest_hand + np.concatenate([hand_lat @ mixing["hand_left"] * spk.hand_bias[0],
+                                           hand_lat @ mixing["hand_right"] * spk.hand_bias[1]], 1)
 
     bounds = frame_bounds(n, cfg.sr, cfg.fps)
     audio = np.pad(wave, (0, max(0, bounds[-1] - len(wave))))
@@ -281,9 +342,12 @@ def generate(out: Path | str, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
         (tmp / sub).mkdir(parents=True)
     mix_rng = np.random.default_rng([cfg.seed, 99999])
     body_scale = mix_rng.uniform(0.02, 0.25, BODY_DIM)  # some joints move much more than others
-    mixing = {"body": mix_rng.normal(0, 1, (LATENT, BODY_DIM)) * body_scale,
+    # Orthonormal latent directions per speed group (body, each hand): a group's speed is the latent speed times
+    # a constant, so the stroke apexes stay its speed minima. Norms as random rows of the same scale would have.
+    mixing = {"body": _orthonormal_rows(mix_rng, LATENT + 2, body_scale) * np.sqrt((body_scale**2).sum()),
               "breath": mix_rng.normal(0, 1, BODY_DIM) * body_scale,
-              "hand": mix_rng.normal(0, 0.5, (LATENT, HAND_DIM)),
+              "hand_left": _orthonormal_rows(mix_rng, LATENT + 2, np.ones(HAND_PCA_DIM)) * 0.5 * HAND_PCA_DIM**0.5,
+              "hand_right": _orthonormal_rows(mix_rng, LATENT + 2, np.ones(HAND_PCA_DIM)) * 0.5 * HAND_PCA_DIM**0.5,
               "expr": mix_rng.normal(0, 0.5, EXPR_DIM) * (np.arange(EXPR_DIM) < 12)}
     clips: list[tuple[str, str, Speaker]] = []
     for s in range(cfg.num_speakers):

@@ -1,0 +1,137 @@
+"""MambaTalk's training loss on the 320-d MHR layout: latent regression and code classification per part, plus the
+MHR port's velocity / acceleration terms on motion decoded by the frozen VQ-VAEs (seed 002 §3.2-3.3).
+
+Every term compares tensors of the exact same shape (``common.shapes.assert_same_shape``); nothing broadcasts.
+No model code and no pass / masking logic here (``gesture.module``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.shapes import assert_same_shape, expect_shape
+from gesture.layout import PARTS, VQ_PARTS
+from gesture.models.mambatalk import GeneratorOutput
+
+ALL_PARTS = (*VQ_PARTS, "global")
+
+
+@dataclass
+class LossTargets:
+    """Ground truth of one batch: ``motion [b, t, 320]`` normalised, the frozen VQ-VAEs' ``latents[p] [b, t, d]``
+    and ``indices[p] [b, t]`` (long) for each part of ``VQ_PARTS``."""
+
+    motion: torch.Tensor
+    latents: dict[str, torch.Tensor]
+    indices: dict[str, torch.Tensor]
+
+
+def _weights(given: Mapping[str, float] | None, parts: Iterable[str], name: str) -> dict[str, float]:
+    given = dict(given or {})
+    unknown = set(given) - set(parts)
+    if unknown:
+        raise ValueError(f"{name}: unknown parts {sorted(unknown)} (parts: {list(parts)})")
+    return {p: float(given.get(p, 0.0)) for p in parts}
+
+
+def velocity(x: torch.Tensor) -> torch.Tensor:
+    """First difference over time: ``[b, t, d] -> [b, t - 1, d]``."""
+    return x[:, 1:] - x[:, :-1]
+
+
+def acceleration(x: torch.Tensor) -> torch.Tensor:
+    """Second difference over time: ``[b, t, d] -> [b, t - 2, d]``."""
+    return x[:, 2:] - 2 * x[:, 1:-1] + x[:, :-2]
+
+
+class MambaTalkLoss(nn.Module):
+    """Weighted sum of MambaTalk's terms (defaults: the MHR port's V3 weights, seed 002 §5).
+
+    Args:
+        latent: MSE weight per part between the predicted and the VQ latent ("global": the regressed 7-d slice).
+        cls: cross-entropy weight per VQ part over the codebook (face 0: SAM-3D-Body faces are often constant).
+        label_smoothing: per VQ part (body 0.1 against codebook oscillation).
+        vel: L1 weight per part between the frame-to-frame differences of decoded motion and ground truth.
+        acc: the same on second differences (off by default).
+
+    ``forward`` returns the weighted ``loss`` and every computed term unweighted (``latent/body``, ``cls/hand``,
+    ``vel/global``, ...). Velocity / acceleration terms need ``decoded`` motion; without it they are left out.
+    """
+
+    def __init__(
+        self,
+        latent: Mapping[str, float] | None = None,
+        cls: Mapping[str, float] | None = None,
+        label_smoothing: Mapping[str, float] | None = None,
+        vel: Mapping[str, float] | None = None,
+        acc: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.latent_w = _weights(latent if latent is not None else dict.fromkeys(ALL_PARTS, 3.0), ALL_PARTS,
+                                 "latent")
+        self.cls_w = _weights(cls if cls is not None else {"body": 1.0, "hand": 2.0, "face": 0.0}, VQ_PARTS, "cls")
+        self.smoothing = _weights(label_smoothing if label_smoothing is not None else {"body": 0.1}, VQ_PARTS,
+                                  "label_smoothing")
+        self.vel_w = _weights(vel if vel is not None else {"global": 2.0, "body": 0.5, "hand": 1.0}, ALL_PARTS, "vel")
+        self.acc_w = _weights(acc, ALL_PARTS, "acc")
+
+    @property
+    def decoded_parts(self) -> tuple[str, ...]:
+        """Parts whose decoded motion the velocity / acceleration terms need."""
+        return tuple(p for p in ALL_PARTS if self.vel_w[p] > 0 or self.acc_w[p] > 0)
+
+    def without_parts(self, parts: Iterable[str]) -> MambaTalkLoss:
+        """A copy with every weight of ``parts`` set to 0 (e.g. a zero-variance face)."""
+        drop = set(parts)
+
+        def keep(w: dict[str, float]) -> dict[str, float]:
+            return {p: (0.0 if p in drop else v) for p, v in w.items()}
+
+        return MambaTalkLoss(keep(self.latent_w), keep(self.cls_w), self.smoothing, keep(self.vel_w),
+                             keep(self.acc_w))
+
+    def forward(self, out: GeneratorOutput, target: LossTargets, decoded: Mapping[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """GeneratorOutput, LossTargets, decoded {part: [b, t, part_dim]} (``decoded_parts``) | None
+        -> {"loss": [], term: []}."""
+        terms: dict[str, torch.Tensor] = {}
+        total = target.motion.new_zeros(())
+
+        def add(name: str, weight: float, value: torch.Tensor) -> None:
+            nonlocal total
+            terms[name] = value.detach()
+            total = total + weight * value
+
+        for p in VQ_PARTS:
+            if self.latent_w[p] > 0:
+                assert_same_shape(out.latents[p], target.latents[p], f"latent {p}", f"VQ latent {p}")
+                add(f"latent/{p}", self.latent_w[p], F.mse_loss(out.latents[p], target.latents[p]))
+            if self.cls_w[p] > 0:
+                logits, idx = out.logits[p], target.indices[p]
+                assert_same_shape(logits[..., 0], idx, f"logits {p} [..., 0]", f"codes {p}")
+                add(f"cls/{p}", self.cls_w[p], F.cross_entropy(logits.flatten(0, 1), idx.flatten(0, 1),
+                                                             label_smoothing=self.smoothing[p]))
+        gt_global = target.motion[..., PARTS["global"]]
+        if self.latent_w["global"] > 0:
+            assert_same_shape(out.global_motion, gt_global, "global", "gt global")
+            add("latent/global", self.latent_w["global"], F.mse_loss(out.global_motion, gt_global))
+        if decoded is not None:
+            missing = set(self.decoded_parts) - set(decoded)
+            if missing:
+                raise KeyError(f"MambaTalkLoss: decoded motion of parts {sorted(missing)} is needed")
+            for name, weights, diff in (("vel", self.vel_w, velocity), ("acc", self.acc_w, acceleration)):
+                for p, w in weights.items():
+                    if w > 0:
+                        gt_part = target.motion[..., PARTS[p]]
+                        assert_same_shape(decoded[p], gt_part, f"decoded {p}", f"gt {p}")
+                        d_pred, d_gt = diff(decoded[p]), diff(gt_part)
+                        assert_same_shape(d_pred, d_gt, f"{name} {p}", f"gt {name} {p}")
+                        add(f"{name}/{p}", w, F.l1_loss(d_pred, d_gt))
+        expect_shape(total, (), "loss")
+        terms["loss"] = total
+        return terms
