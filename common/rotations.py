@@ -24,6 +24,7 @@ __all__ = [
     "matrix_to_euler",
     "matrix_to_quaternion",
     "matrix_to_rotation_6d",
+    "nearest_rotation",
     "quaternion_to_axis_angle",
     "quaternion_to_matrix",
     "rotation_6d_to_axis_angle",
@@ -217,6 +218,18 @@ def matrix_to_rotation_6d(R: torch.Tensor) -> torch.Tensor:
     """R [..., 3, 3] -> d6 [..., 6] = (first column, second column)."""
     _check_last_dims(R, (3, 3), "rotation matrix")
     return torch.cat([R[..., :, 0], R[..., :, 1]], dim=-1)
+
+
+def nearest_rotation(M: torch.Tensor) -> torch.Tensor:
+    """M [..., 3, 3] (any matrix) -> the rotation closest to it in Frobenius norm, by SVD with det fixed to +1.
+
+    Applied to the mean of rotation matrices this is their chordal L2 mean (scipy's ``Rotation.mean``).
+    """
+    _check_last_dims(M, (3, 3), "matrix")
+    U, _, Vh = torch.linalg.svd(M)
+    det = torch.linalg.det(U @ Vh)
+    ones = torch.ones_like(det)
+    return U @ torch.diag_embed(torch.stack([ones, ones, det], dim=-1)) @ Vh
 
 
 def rotation_6d_to_axis_angle(d6: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from common.loggers import log_image
 from common.mano import JOINT_NAMES_21
 from handpose.data.dataset import denormalise
 from handpose.loss import HandPoseLoss
-from handpose.metrics import HandPoseMetrics
+from handpose.metrics import HandPoseMetrics, mean_mano_params
 from handpose.model import HandPrediction, PoseNet
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class HandPoseLit(L.LightningModule):
         backbone_lr_scale: backbone learning rate = optimizer lr x this.
         stage1_weight: Stage 1 checkpoint loaded into ``net`` when fitting starts (before any resume restores
             this run's own checkpoint); ``None`` trains from the network's initialisation.
+        mean_init_batches: without ``stage1_weight``, the decoder's residual origin is set to the mean MANO
+            pose and shape of this many training batches when fitting starts (0 = MANO's mean hand).
         num_vis: crops in the validation image grid.
     """
 
@@ -100,6 +102,7 @@ class HandPoseLit(L.LightningModule):
         scheduler: Callable[..., LRScheduler] | None = None,
         backbone_lr_scale: float = 0.1,
         stage1_weight: str | None = None,
+        mean_init_batches: int = 0,
         num_vis: int = 8,
     ) -> None:
         super().__init__()
@@ -110,13 +113,26 @@ class HandPoseLit(L.LightningModule):
         self.scheduler_factory = scheduler
         self.val_metrics = HandPoseMetrics()
         self.test_metrics = HandPoseMetrics()
-        self._stage1_loaded = False
+        self._initialised = False
 
     def setup(self, stage: str) -> None:
         # Runs before Lightning restores a resumed run's checkpoint, which then overrides these weights.
-        if stage == "fit" and self.hparams.stage1_weight and not self._stage1_loaded:
+        if stage != "fit" or self._initialised:
+            return
+        self._initialised = True
+        if self.hparams.stage1_weight:
             self.net.load_stage1(self.hparams.stage1_weight)
-            self._stage1_loaded = True
+        elif self.hparams.mean_init_batches:
+            self._init_from_data_mean(self.hparams.mean_init_batches)
+
+    def _init_from_data_mean(self, num_batches: int) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            log.warning("mean_init_batches=%d but the trainer has no datamodule: keeping MANO's mean hand", num_batches)
+            return
+        mean = mean_mano_params(datamodule.train_dataloader(), max_batches=num_batches)
+        self.net.decoder.set_mean_init(mean.pose, mean.shape)
+        log.info("decoder residual origin set to the mean MANO pose and shape of %d training batches", num_batches)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> HandPrediction:
         """batch of [b, t, ...] -> HandPrediction of the last frame, [b, 1, ...]."""

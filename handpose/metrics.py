@@ -7,13 +7,16 @@ aligned sets. A torchmetrics ``Metric`` with summed float64 states, so it is exa
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 
 import torch
 from torchmetrics import Metric
 
 from common.mano import JOINT_NAMES_21, ManoLayer
+from common.rotations import axis_angle_to_matrix, matrix_to_axis_angle, nearest_rotation
 from common.shapes import assert_same_shape, expect_shape
+from handpose.model.decoder import NUM_POSE_JOINTS, SHAPE_DIM, ManoParams
 
 WRIST = JOINT_NAMES_21.index("wrist")
 F_THRESHOLDS_M = (0.005, 0.015)
@@ -113,6 +116,30 @@ class HandPoseMetrics(Metric):
         return {name: out[name].float() for name in METRIC_NAMES}
 
 
+def mean_mano_params(batches: Iterable[Mapping[str, torch.Tensor]], max_batches: int | None = None) -> ManoParams:
+    """Mean MANO parameters of the valid last frames of ``batches``: pose [48], shape [10], trans [3].
+
+    Rotations are averaged as matrices and projected back onto the nearest rotation (the chordal L2 mean,
+    scipy's ``Rotation.mean``; unlike averaging axis-angles it is not fooled by angles near pi).
+    """
+    rot_sum = torch.zeros(NUM_POSE_JOINTS, 3, 3, dtype=torch.float64)
+    shape_sum = torch.zeros(SHAPE_DIM, dtype=torch.float64)
+    trans_sum = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for batch in itertools.islice(batches, max_batches):
+        valid = batch["valid"][:, -1].bool()
+        pose = batch["mano_pose"][:, -1][valid].double().unflatten(-1, (NUM_POSE_JOINTS, 3))
+        rot_sum += axis_angle_to_matrix(pose).sum(dim=0)
+        shape_sum += batch["mano_shape"][:, -1][valid].double().sum(dim=0)
+        trans_sum += batch["mano_trans"][:, -1][valid].double().sum(dim=0)
+        count += int(valid.sum())
+    if count == 0:
+        raise ValueError("mean_mano_params: no valid frame in the batches")
+    mean_rot = nearest_rotation(rot_sum / count)
+    pose = matrix_to_axis_angle(mean_rot).flatten()
+    return ManoParams(pose.float(), (shape_sum / count).float(), (trans_sum / count).float())
+
+
 def mean_pose_baseline(
     train_batches: Iterable[Mapping[str, torch.Tensor]],
     eval_batches: Iterable[Mapping[str, torch.Tensor]],
@@ -120,21 +147,11 @@ def mean_pose_baseline(
 ) -> dict[str, float]:
     """Metrics of predicting the training set's mean last-frame MANO pose, shape and translation everywhere.
 
-    The floor a trained model must beat. The pose mean is the mean axis-angle (crude but it is a baseline).
-    GT joints are ``joints_cam``; GT vertices are MANO(GT parameters) with the same ``mano`` layer.
+    The floor a trained model must beat (means from :func:`mean_mano_params`). GT joints are ``joints_cam``;
+    GT vertices are MANO(GT parameters) with the same ``mano`` layer.
     """
     mano = mano or ManoLayer()
-    sums = {k: torch.zeros(d, dtype=torch.float64) for k, d in (("mano_pose", 48), ("mano_shape", 10),
-                                                                 ("mano_trans", 3))}
-    count = 0
-    for batch in train_batches:
-        valid = batch["valid"][:, -1].bool()
-        for key in sums:
-            sums[key] += batch[key][:, -1][valid].double().sum(dim=0)
-        count += int(valid.sum())
-    if count == 0:
-        raise ValueError("mean_pose_baseline: no valid training frame")
-    mean = {k: (v / count).float() for k, v in sums.items()}
+    mean = mean_mano_params(train_batches)
     metric = HandPoseMetrics()
     with torch.no_grad():
         for batch in eval_batches:
@@ -142,8 +159,7 @@ def mean_pose_baseline(
             n = int(valid.sum())
             if n == 0:
                 continue
-            pred = mano(mean["mano_pose"].expand(n, -1), mean["mano_shape"].expand(n, -1),
-                        mean["mano_trans"].expand(n, -1))
+            pred = mano(mean.pose.expand(n, -1), mean.shape.expand(n, -1), mean.trans.expand(n, -1))
             gt = mano(batch["mano_pose"][:, -1][valid], batch["mano_shape"][:, -1][valid],
                       batch["mano_trans"][:, -1][valid])
             metric.update(pred.joints, batch["joints_cam"][:, -1][valid], pred.vertices, gt.vertices)

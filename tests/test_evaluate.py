@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from scipy.spatial.transform import Rotation
 
 from common.mano import ManoLayer
 from handpose import demo, evaluate
@@ -126,6 +127,10 @@ def test_evaluate_writes_all_metrics_and_the_baseline_matching_a_recomputation(
     train = _samples(data_root, "train", 1)
     keep = train["valid"][:, 0]
     mean = {k: train[k][:, 0][keep].astype(np.float64).mean(0) for k in ("mano_pose", "mano_shape", "mano_trans")}
+    # rotations: scipy's chordal L2 mean per joint, not the mean axis-angle
+    joint_rotvecs = train["mano_pose"][:, 0][keep].astype(np.float64).reshape(-1, 16, 3)
+    mean["mano_pose"] = np.concatenate([Rotation.from_rotvec(joint_rotvecs[:, j]).mean().as_rotvec()
+                                        for j in range(16)])
     with torch.no_grad():
         base = mano(*(torch.from_numpy(mean[k]).float()[None] for k in ("mano_pose", "mano_shape", "mano_trans")))
     mpjpe_b, root_b = _mpjpe_and_root_mm(np.repeat(base.joints.double().numpy(), int(valid.sum()), 0), gt[valid])

@@ -118,7 +118,9 @@ def test_trans_is_the_expectation_of_the_heatmaps(nets):
     with torch.no_grad():
         (_, _, trans), heatmaps = nets["stage2"](*inputs(5, 3))
     for axis, (log_hm, centers) in enumerate(zip(heatmaps, nets["stage2"].trans_bin_centers)):
-        torch.testing.assert_close(log_hm.double().exp().sum(-1), torch.ones(5, 1, dtype=torch.float64))
+        # float32 log-softmax: the probabilities sum to 1 within float32 rounding
+        torch.testing.assert_close(log_hm.double().exp().sum(-1), torch.ones(5, 1, dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
         expected = (log_hm.double().exp() * centers.double()).sum(-1)
         torch.testing.assert_close(trans[..., axis].double(), expected, atol=1e-6, rtol=0)
         assert centers[0] == TRANS_BINS["xyz"[axis]]["min"] and centers[-1] == pytest.approx(
@@ -226,6 +228,17 @@ def test_keypoint_grid_draws_both_skeletons():
     assert ((grid[..., 0] == 255) & (grid[..., 1] == 64)).any() and ((grid[..., 1] == 255) & (grid[..., 0] == 64)).any()
 
 
+class PrebatchedData(L.LightningDataModule):
+    def __init__(self, batches: list[dict]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.batches, batch_size=None)
+
+    val_dataloader = train_dataloader
+
+
 def _lit(net: PoseNet, **kwargs) -> HandPoseLit:
     return HandPoseLit(
         net=net, loss=HandPoseLoss(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
@@ -233,14 +246,30 @@ def _lit(net: PoseNet, **kwargs) -> HandPoseLit:
     )
 
 
+def test_mean_init_makes_a_silent_head_predict_the_mean():
+    decoder = make_net("stage1").decoder
+    batch = make_hand_batch(5, 1, IMG)
+    pose = batch["mano_pose"][0, 0]
+    decoder.set_mean_init(pose, batch["mano_shape"][:, 0].mean(0))
+    with torch.no_grad():
+        decoder.pose_head.weight.zero_()
+        decoder.shape_head.weight.zero_()
+        (pose_out, shape_out, _), _ = decoder.decode_token(torch.randn(3, decoder.dim))
+    torch.testing.assert_close(pose_out, pose.expand(3, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shape_out, batch["mano_shape"][:, 0].mean(0).expand(3, -1), atol=1e-6, rtol=0)
+    assert "init_pose_6d" in decoder.state_dict() and "init_shape" in decoder.state_dict()
+
+
 def test_lightning_fit_then_stage2_loads_the_checkpoint(tmp_path):
     """Stage 1 trained by a real Trainer; its checkpoint initialises Stage 2 through HandPoseLit.setup."""
     batches = [make_hand_batch(4, 1, IMG, seed=s) for s in range(3)]
-    loader = DataLoader(batches, batch_size=None)
-    lit1 = _lit(make_net("stage1", seed=1), backbone_lr_scale=0.1).train()
+    data = PrebatchedData(batches)
+    lit1 = _lit(make_net("stage1", seed=1), backbone_lr_scale=0.1, mean_init_batches=2).train()
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(lit1, train_dataloaders=loader, val_dataloaders=loader)
+    trainer.fit(lit1, datamodule=data)
+    mean_shape = torch.cat([b["mano_shape"][:, -1] for b in batches[:2]]).mean(0)
+    torch.testing.assert_close(lit1.net.decoder.init_shape, mean_shape)
     logged = trainer.callback_metrics
     for key in ("train/loss", "train/joints_2d", "val/mpjpe", "val/pa_mpjpe", "val/mpvpe", "val/pa_mpvpe",
                 "val/f5", "val/f15", "val/root_err", "val/auc"):

@@ -222,6 +222,15 @@ def test_rotation_6d_gram_schmidt_projects_to_rotation():
     assert (R[..., :, 1] * normal).sum(-1).abs().max() < 1e-10
 
 
+def test_nearest_rotation_of_the_mean_matrix_is_scipys_chordal_mean():
+    rots = Rotation.random(200, random_state=3)
+    chordal = rot.nearest_rotation(torch.from_numpy(rots.as_matrix()).mean(0))
+    np.testing.assert_allclose(chordal.numpy(), rots.mean().as_matrix(), atol=1e-10)
+    # batched, and a rotation is its own nearest rotation
+    many = torch.from_numpy(Rotation.random(7, random_state=4).as_matrix())
+    torch.testing.assert_close(rot.nearest_rotation(many), many)
+
+
 def test_round_trips_among_all_representations():
     aa = _random_axis_angle(60, seed=13).reshape(2, 3, 10, 3)
     R = rot.axis_angle_to_matrix(aa)

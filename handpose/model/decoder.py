@@ -106,8 +106,10 @@ class HandDecoder(nn.Module):
         self.trans_heads = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, len(c))) for c in self.bin_centers
         )
-        # Residual init: identity rotations are MANO's mean pose (flat_hand_mean=False), zero shape is the mean.
+        # Residual origin: MANO's mean hand (zero pose with flat_hand_mean=False, zero shape) until
+        # set_mean_init replaces it with the training data's mean; persistent, so checkpoints carry it.
         self.register_buffer("init_pose_6d", axis_angle_to_rotation_6d(torch.zeros(NUM_POSE_JOINTS, 3)).flatten())
+        self.register_buffer("init_shape", torch.zeros(SHAPE_DIM))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -116,6 +118,14 @@ class HandDecoder(nn.Module):
         for head in (self.pose_head, self.shape_head):  # start at the mean hand
             nn.init.xavier_uniform_(head.weight, gain=0.01)
             nn.init.zeros_(head.bias)
+
+    @torch.no_grad()
+    def set_mean_init(self, pose: torch.Tensor, shape: torch.Tensor) -> None:
+        """pose [48], shape [10] (e.g. the training data's mean) -> the residual origin of the heads."""
+        expect_shape(pose, (POSE_DIM,), "mean-init pose")
+        expect_shape(shape, (SHAPE_DIM,), "mean-init shape")
+        self.init_pose_6d.copy_(axis_angle_to_rotation_6d(pose.unflatten(-1, (NUM_POSE_JOINTS, 3))).flatten())
+        self.init_shape.copy_(shape)
 
     @property
     def bin_centers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +147,7 @@ class HandDecoder(nn.Module):
         expect_shape(token, (n, self.dim), "hand token")
         pose_6d = (self.init_pose_6d + self.pose_head(token)).unflatten(-1, (NUM_POSE_JOINTS, 6))
         pose = rotation_6d_to_axis_angle(pose_6d).flatten(-2)
-        shape = self.shape_head(token)
+        shape = self.init_shape + self.shape_head(token)
         log_heatmaps = tuple(F.log_softmax(head(token), dim=-1) for head in self.trans_heads)
         # trans is the expectation over bin centres, so it always agrees with the heatmaps.
         trans = torch.stack([(lh.exp() * c).sum(-1) for lh, c in zip(log_heatmaps, self.bin_centers)], dim=-1)
