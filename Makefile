@@ -12,7 +12,8 @@ TRAIN := $(PY) -m common.train
 
 # (gesture-prereqs is internal)
 .PHONY: gesture-prereqs install test test-full lint train-stage1 train-stage2 train-toy eval-hand data-hand demo-tracker \
-        data-gesture cache-gesture train-vqvae train-fgd train-mambatalk infer-mambatalk render-gesture bench clean
+        data-gesture cache-gesture train-vqvae train-fgd train-mambatalk infer-mambatalk render-gesture bench \
+        bench-hand bench-mamba bench-gesture clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
@@ -76,7 +77,7 @@ train-vqvae: $(STAMP)
 	done
 
 train-fgd: $(STAMP)
-	$(TRAIN) experiment=motion_encoder $(ARGS)
+	$(TRAIN) experiment=motion_encoder $(RUN_ARG) $(ARGS)
 
 # Prerequisites of the generator, each trained only when its run has not finished yet.
 gesture-prereqs: $(STAMP)
@@ -88,7 +89,7 @@ gesture-prereqs: $(STAMP)
 train-mambatalk: gesture-prereqs
 	$(TRAIN) experiment=mambatalk $(RUN_ARG) $(ARGS)
 
-bench: bench-hand bench-mamba
+bench: bench-hand bench-mamba bench-gesture
 
 clean:
 	rm -rf outputs .pytest_cache
@@ -98,7 +99,19 @@ render-gesture: $(STAMP)
 	$(PY) -m gesture.render --npz $(NPZ) $(if $(WAV),--wav $(WAV),) --out $(or $(OUT),$(basename $(NPZ)).mp4) $(ARGS)
 
 bench-mamba: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.bench_mamba
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.bench_mamba $(ARGS)
 
+bench-gesture: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.bench_gesture $(ARGS)
+
+# Test split (one npz per clip + metrics.json), or one clip: make infer-mambatalk WAV=a.wav TEXTGRID=a.TextGrid
+# SPEAKER=2 OUT=a.npz (SPEAKER: raw BEAT id, -1 = unknown).
+GESTURE_RUN := outputs/mambatalk/$(or $(RUN),mambatalk)
 infer-mambatalk: $(STAMP)
-	$(PY) -m gesture.infer --ckpt outputs/mambatalk/$(or $(RUN),mambatalk)/checkpoints/last.ckpt --split test --out-dir outputs/mambatalk/$(or $(RUN),mambatalk)/infer_test $(ARGS)
+ifdef WAV
+	$(PY) -m gesture.infer --ckpt $(or $(CKPT),$(GESTURE_RUN)/checkpoints/last.ckpt) --wav $(WAV) \
+	  --textgrid $(TEXTGRID) --speaker $(or $(SPEAKER),-1) --out $(or $(OUT),$(basename $(WAV)).npz) $(ARGS)
+else
+	$(PY) -m gesture.infer --ckpt $(or $(CKPT),$(GESTURE_RUN)/checkpoints/last.ckpt) --split test \
+	  --out-dir $(GESTURE_RUN)/infer_test $(ARGS)
+endif

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from common.loggers import log_image
 from common.shapes import expect_shape
 from gesture.generate import GestureModel, generate
 from gesture.layout import PARTS, POSE_DIM, VQ_PARTS, ClipConstants
@@ -28,6 +29,7 @@ from gesture.loss import LossTargets, MambaTalkLoss
 from gesture.metrics import BASELINES, EvalClip, GestureMetrics, evaluate_baselines, format_comparison
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
+from gesture.render import ParameterView
 from gesture.vq_module import load_vqvae
 
 log = logging.getLogger(__name__)
@@ -364,7 +366,18 @@ class MambaTalkModule(L.LightningModule):
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=b)
         self.log("train/mask_ratio", ratio, batch_size=b)
         self.log_dict({k: v for k, v in logs.items() if not k.endswith("/loss")}, batch_size=b)
+        self._log_vq_guards(b)
         return total
+
+    def _log_vq_guards(self, batch_size: int) -> None:
+        """The frozen VQ-VAEs' quantizer guards (non-finite latents replaced, code indices clamped): running totals,
+        so a predicted latent that turned NaN shows up in the logs instead of as silently clamped codes."""
+        guards = {}
+        for p in VQ_PARTS:
+            q = self.model.vqvaes[p].quantizer
+            guards[f"train/vq_{p}_nonfinite"] = q.nonfinite_inputs.float()
+            guards[f"train/vq_{p}_clamped"] = q.clamped_indices.float()
+        self.log_dict(guards, sync_dist=True, reduce_fx="sum", batch_size=batch_size)
 
     def _generated_window(self, audio, words, speaker, motion) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Seed-only pass -> (decoded motion [b, t, 320] from the predicted codes, loss terms)."""
@@ -383,7 +396,14 @@ class MambaTalkModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in terms.items()}, batch_size=b, sync_dist=True,
                       prog_bar=False)
         names = [f"{c}@{int(s)}" for c, s in zip(batch["clip"], batch["start"])] if "start" in batch else None
-        self.val_metrics.update(self.denormalise(pred), batch["motion_raw"], names=names)
+        pred_raw = self.denormalise(pred)
+        self.val_metrics.update(pred_raw, batch["motion_raw"], names=names)
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            title = f"{names[0]}: generated from {self.hparams.pre_frames} seed frames" if names else None
+            view = ParameterView(pred_raw[0].detach().cpu().numpy(), float(self.data_info.audio["fps"]),
+                                 gt=batch["motion_raw"][0].detach().cpu().numpy(), title=title)
+            log_image(self, "val/motion", view.background, caption="per-part speed (dashed: GT) and z-scored "
+                      "parameters: prediction above ground truth")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics.compute())

@@ -2,7 +2,7 @@
 
 ``VQModule`` slices its part out of ``batch["motion"] [b, T, 320]`` (``gesture.layout.PARTS``), trains on
 reconstruction + velocity + acceleration + VQ losses and reports codebook usage and the quantiser's guard counters.
-Checkpoints of ``make train-vqvae`` land in ``${paths.root}/outputs/vqvae_<part>/vqvae_<part>/checkpoints/last.ckpt``
+Checkpoints of ``make train-vqvae`` land in ``${paths.output_root}/vqvae_<part>/vqvae_<part>/checkpoints/last.ckpt``
 (see ``default_checkpoint``); ``load_vqvae`` rebuilds the model from one for the generator.
 """
 

@@ -179,10 +179,14 @@ def _edit_npz(p: Path, fn) -> None:
     np.savez(p, **d)
 
 
-def _nan_frames(d):
+def _nan_frames(d, value=np.nan):
     body = d["body_pose_params"].copy()
-    body[70:73] = np.nan
+    body[70:73] = value
     d["body_pose_params"] = body
+
+
+def _inf_frames(d):
+    _nan_frames(d, value=np.inf)
 
 
 DEFECTS = {
@@ -205,7 +209,11 @@ DEFECTS = {
         "textgrid", "no word tier"),
     "bad_vid": (lambda c: _edit_npz(c / "mhr_30" / f"{VICTIM}.npz", lambda d: d.update(vid=np.array(-5))),
                 "vid", "integer >= -1"),
+    "inf_frames": (lambda c: _edit_npz(c / "mhr_30" / f"{VICTIM}.npz", _inf_frames), "body_pose_params",
+                   "non-finite"),
     "missing_on_disk": (lambda c: (c / "mhr_30" / f"{VICTIM}.npz").unlink(), "npz", "missing file"),
+    "missing_wav": (lambda c: (c / "wave16k" / f"{VICTIM}.wav").unlink(), "wav", "missing file"),
+    "missing_textgrid": (lambda c: (c / "textgrid" / f"{VICTIM}.TextGrid").unlink(), "textgrid", "missing file"),
 }
 
 
@@ -222,7 +230,7 @@ def test_bad_input_strict_names_clip_and_field(defect, tiny, tmp_path):
     assert leftovers == []  # no half-built cache (or temp folder) left behind
 
 
-@pytest.mark.parametrize("defect", sorted(set(DEFECTS) - {"nan_frames"}))
+@pytest.mark.parametrize("defect", sorted(set(DEFECTS) - {"nan_frames", "inf_frames"}))
 def test_bad_input_non_strict_is_a_counted_skip(defect, tiny, tmp_path):
     edit, field, _ = DEFECTS[defect]
     corpus = _copy(tiny, tmp_path)
@@ -246,9 +254,10 @@ def test_split_file_clip_missing_on_disk_named(tiny, tmp_path):
     assert cache.meta["skips"]["by_field"] == {"npz": 1}
 
 
-def test_nan_frames_never_enter_the_cache(tiny, tmp_path):
+@pytest.mark.parametrize("edit", [_nan_frames, _inf_frames])
+def test_nonfinite_frames_never_enter_the_cache(edit, tiny, tmp_path):
     corpus = _copy(tiny, tmp_path)
-    _edit_npz(corpus / "mhr_30" / f"{VICTIM}.npz", _nan_frames)
+    _edit_npz(corpus / "mhr_30" / f"{VICTIM}.npz", edit)
     cache = build_gesture_cache(corpus, tmp_path / "cache")
     assert cache.meta["skips"]["dropped_nonfinite_frames"] == {VICTIM: 3}
     for split in ("train", "val", "test"):

@@ -238,3 +238,24 @@ def test_shape_learns_only_from_its_own_term_when_detached_in_fk(mano, detach):
     shape = shape.clone().requires_grad_(True)
     loss_fn(HandPrediction(ManoParams(pose, shape, trans), heatmaps), batch, CENTERS)["loss"].backward()
     assert (shape.grad is None or not shape.grad.any()) if detach else shape.grad.abs().sum() > 0
+
+
+def test_gt_root_fk_terms_supervise_articulation_only(mano):
+    """gt_root_in_fk_terms: a wrong global orientation with the right fingers costs nothing in joints/verts (so the
+    fingers are never bent to make up for it) but still shows in the pose term and in the camera-space outputs."""
+    batch = make_hand_batch(4, 3, mano=mano)
+    (pose, shape, trans), heatmaps = gt_prediction(batch)
+    wrong_root = pose.clone()
+    wrong_root[..., :3] = wrong_root[..., :3] + 0.5
+    wrong_root.requires_grad_(True)
+    pred = HandPrediction(ManoParams(wrong_root, shape, trans), heatmaps)
+    articulation = HandPoseLoss(gt_root_in_fk_terms=True, weights={k: 0.0 for k in ("pose", "shape", "trans",
+                                                                                    "joints_2d")})
+    out = articulation(pred, batch, CENTERS)
+    assert out["terms"]["joints"].item() < 1e-6 and out["terms"]["verts"].item() < 1e-6
+    assert out["terms"]["pose"].item() > 0.01
+    assert (out["joints_cam_pred"] - batch["joints_cam"][:, -1:]).abs().max() > 1e-2  # outputs use the prediction
+    out["loss"].backward()
+    assert wrong_root.grad[..., :3].abs().max() == 0  # the FK terms do not train the global orientation
+    # the default (predicted root in FK) does see the orientation error through the joints
+    assert HandPoseLoss()(pred, batch, CENTERS)["terms"]["joints"].item() > 1e-3

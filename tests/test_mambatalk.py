@@ -308,3 +308,30 @@ def test_too_many_nonfinite_losses_in_a_row_raise():
     module = tiny_module(max_consecutive_nonfinite=2)
     with pytest.raises(RuntimeError, match="2 consecutive non-finite losses"):
         _fit(module, [window_batch(i, nan_audio=True) for i in range(6)])
+
+
+def test_validation_logs_the_first_windows_parameter_view_on_rank_zero(monkeypatch):
+    logged = []
+    monkeypatch.setattr("gesture.module.log_image",
+                        lambda module, key, image, caption=None: logged.append((key, image)))
+    module = tiny_module()
+    data = [window_batch(i) for i in range(4)]
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_train_batches=1)
+    trainer.fit(module, DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+    assert [key for key, _ in logged] == ["val/motion"], "one figure per validation (first batch only)"
+    image = logged[0][1]
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.std() > 10, "the figure has content, not a blank canvas"
+
+
+def test_frozen_vqvae_guard_counters_are_logged_by_the_generator():
+    module = tiny_module()
+    body_q = module.model.vqvaes["body"].quantizer
+    body_q.map2index(torch.full((1, 2, TINY_VQ["code_dim"]), float("nan")))  # a NaN latent reached the quantizer
+    caught = int(body_q.nonfinite_inputs)
+    assert caught > 0
+    trainer = _fit(module, [window_batch(i) for i in range(2)])
+    assert float(trainer.callback_metrics["train/vq_body_nonfinite"]) == caught
+    assert float(trainer.callback_metrics["train/vq_hand_nonfinite"]) == 0.0
+    assert {"train/vq_body_clamped", "train/vq_face_clamped"} <= set(trainer.callback_metrics)

@@ -110,18 +110,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_short_training_beats_the_mean_on_held_out_windows(one_thread):
-    train = smooth_motion(192, 32, FACE_DIM, seed=0)
-    held_out = smooth_motion(64, 32, FACE_DIM, seed=1)
-    mean, std = train.mean((0, 1)), train.std((0, 1))
-    x_train = torch.from_numpy((train - mean) / std)
-    x_test = torch.from_numpy((held_out - mean) / std)
-    baseline = float((x_test**2).mean())  # predicting the train mean = zeros after normalisation
+def _train_and_score(part: str, x_train: torch.Tensor, x_test: torch.Tensor, steps: int = 150) -> tuple[float, dict]:
+    """Train a small VQ-VAE on normalised windows ``[n, t, part_dim]``; -> (held-out MSE, info of the test pass)."""
     torch.manual_seed(0)
-    model = VQVAE("face", hidden=48, code_dim=32, n_codes=64, depth=1, reinit_every=50, data_init=True)
+    model = VQVAE(part, hidden=48, code_dim=32, n_codes=64, depth=1, reinit_every=50, data_init=True)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(150):
+    for _ in range(steps):
         batch = x_train[torch.randint(len(x_train), (32,), generator=gen)]
         x_hat, vq_loss, _ = model(batch)
         terms = motion_reconstruction_terms(x_hat, batch)
@@ -132,9 +127,45 @@ def test_short_training_beats_the_mean_on_held_out_windows(one_thread):
     model.eval()
     with torch.no_grad():
         x_hat, _, info = model(x_test)
-    rec = float(((x_hat - x_test) ** 2).mean())
+    return float(((x_hat - x_test) ** 2).mean()), info
+
+
+def test_short_training_beats_the_mean_on_held_out_windows(one_thread):
+    train = smooth_motion(192, 32, FACE_DIM, seed=0)
+    held_out = smooth_motion(64, 32, FACE_DIM, seed=1)
+    mean, std = train.mean((0, 1)), train.std((0, 1))
+    x_train = torch.from_numpy((train - mean) / std)
+    x_test = torch.from_numpy((held_out - mean) / std)
+    baseline = float((x_test**2).mean())  # predicting the train mean = zeros after normalisation
+    rec, info = _train_and_score("face", x_train, x_test)
     assert rec < 0.4 * baseline, (rec, baseline)  # ~0.23 after 150 steps; a collapsed model gives ~1
     assert info["usage"] > 0.5  # many codes in use, not a collapsed codebook
+
+
+@pytest.mark.parametrize("part", ["body", "hand"])
+def test_short_training_on_the_synthetic_corpus_beats_the_mean_on_held_out_clips(part, one_thread, tmp_path):
+    """The acceptance case: windows of the synthetic corpus (train split) -> windows of the held-out val clips."""
+    from gesture.data.dataset import GestureWindowDataset
+    from gesture.data.preprocess import PreprocessConfig, build_gesture_cache
+    from gesture.data.synthetic import SyntheticConfig, generate
+
+    corpus = generate(tmp_path / "corpus", SyntheticConfig(seed=7, num_speakers=2, clips_per_speaker=4, seconds=12.0,
+                                                           unknown_clips=0))
+    cache = build_gesture_cache(corpus, tmp_path / "cache", PreprocessConfig(pose_length=32, stride=4))
+    sl = PARTS[part]
+
+    def windows(split: str) -> torch.Tensor:
+        ds = GestureWindowDataset(cache, split)
+        return torch.stack([ds[i]["motion"][:, sl] for i in range(len(ds))])  # normalised by the train stats
+
+    x_train = windows("train")
+    x_test = windows("val")
+    assert len(x_train) >= 32 and len(x_test) >= 4
+    baseline = float((x_test**2).mean())  # the per-dimension training mean, in normalised units
+    rec, info = _train_and_score(part, x_train, x_test, steps=200)
+    # measured: body 0.51 vs 1.15, hand 0.88 vs 1.21 (the hands' per-speaker style is harder to generalise)
+    assert rec < 0.8 * baseline, (part, rec, baseline)
+    assert info["usage"] > 0.1
 
 
 def _motion_loader(n: int, seed: int) -> DataLoader:
