@@ -103,6 +103,34 @@ def test_annotations_match_the_mano_model_that_made_them(all_sequences):
         np.testing.assert_allclose(np.clip(uv.min(1), 0, 128), inside[:, :2], atol=1e-3)
 
 
+@pytest.mark.parametrize("tilt", [35.0, None])
+def test_start_orientation_faces_the_camera_within_the_configured_tilt(tilt):
+    """Views cluster around the palm facing the camera (OpenCV: -z), fingers up in the image after un-rolling;
+    ``None`` is uniform over SO(3). Checked on the procedural hand's rest geometry with scipy rotations."""
+    from handpose.data.synthetic import OPENPOSE_FINGER_BASE, PoseSpace, _start_orientation
+
+    with torch.no_grad():
+        rest = ManoLayer(None, side="right", flat_hand_mean=True)(torch.zeros(1, 48), torch.zeros(1, 10)).joints[0]
+    rest = rest.numpy().astype(np.float64)
+    palm = PoseSpace(rest).palm
+    rng = np.random.default_rng(0)
+    rots = [_start_orientation(rng, rest, palm, tilt) for _ in range(400)]
+    towards = np.array([r.apply(palm) for r in rots])
+    angle = np.degrees(np.arccos(np.clip(-towards[:, 2], -1, 1)))  # palm normal vs the direction to the camera
+    if tilt is None:
+        assert abs(towards[:, 2].mean()) < 0.1  # uniform: no preferred view
+        return
+    # two tilt components ~ N(0, 35 deg): the angle is Rayleigh-distributed, median 35 * sqrt(2 ln 2) = 41 deg
+    assert 36 < np.median(angle) < 47 and (angle < 90).mean() > 0.9
+    up = _unit_rows(np.array([r.apply(rest[OPENPOSE_FINGER_BASE["middle"]] - rest[0]) for r in rots]))
+    roll = np.degrees(np.arctan2(up[:, 0], -up[:, 1]))
+    assert np.histogram(roll, bins=4, range=(-180, 180))[0].min() > 60  # any roll in the image plane
+
+
+def _unit_rows(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def test_rendered_hand_covers_its_projected_joints():
     layer = ManoLayer(side="right")
     pose = torch.zeros(1, 48)

@@ -5,7 +5,9 @@ schedule, and the NaN-loss skip (counted, weights untouched, raising after N in 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -46,8 +48,8 @@ def tiny_info() -> DataInfo:
 
 def tiny_module(**kw) -> MambaTalkModule:
     module = MambaTalkModule(functools.partial(MambaTalk, **TINY_GEN), tiny_vqvaes(),
-                             functools.partial(torch.optim.Adam, lr=1e-3), data_info=tiny_info(), fgd_encoder=None,
-                             pose_length=16, **kw)
+                             functools.partial(torch.optim.Adam, lr=1e-3), data_info=tiny_info(),
+                             **{"fgd_encoder": None, "pose_length": 16, **kw})
     torch.manual_seed(0)
     module.configure_model()
     return module
@@ -335,3 +337,22 @@ def test_frozen_vqvae_guard_counters_are_logged_by_the_generator():
     assert float(trainer.callback_metrics["train/vq_body_nonfinite"]) == caught
     assert float(trainer.callback_metrics["train/vq_hand_nonfinite"]) == 0.0
     assert {"train/vq_body_clamped", "train/vq_face_clamped"} <= set(trainer.callback_metrics)
+
+
+def test_missing_fgd_encoder_warns_and_training_goes_on_with_val_loss_as_monitor(tmp_path, caplog):
+    """seed 002 §1.3: the FID model did not fit the new data and crashed training. Here: one warning, no FGD, and
+    the best checkpoint follows val/loss instead of a metric that will never be logged."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = tiny_module(fgd_encoder=str(tmp_path / "no_such_encoder.ckpt"))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="val/fgd", mode="min", save_top_k=1)
+    data = [window_batch(i) for i in range(4)]
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ckpt], limit_train_batches=1, num_sanity_val_steps=0)
+    with caplog.at_level(logging.WARNING):
+        trainer.fit(module, DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+    assert trainer.current_epoch == 2 and module.global_step == 2
+    assert ckpt.monitor == "val/loss" and Path(ckpt.best_model_path).is_file()
+    assert "val/fgd" not in trainer.callback_metrics and "val/vel_ratio/body" in trainer.callback_metrics
+    fgd_warnings = [r for r in caplog.records if "FGD" in r.getMessage() and r.levelno == logging.WARNING]
+    assert 1 <= len(fgd_warnings) <= 2, [r.getMessage() for r in fgd_warnings]  # metrics + monitor switch, once
