@@ -141,7 +141,11 @@ class HandPoseLit(L.LightningModule):
         )
 
     def _loss(self, batch: Mapping[str, torch.Tensor]) -> dict:
-        return self.loss(self(batch), batch, self.net.trans_bin_centers)
+        if self.net.keypoint_head is None:
+            return self.loss(self(batch), batch, self.net.trans_bin_centers)
+        pred, keypoints = self.net.predict_with_keypoints(
+            batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
+        return self.loss(pred, batch, self.net.trans_bin_centers, keypoints_2d=keypoints)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)

@@ -16,8 +16,9 @@ from common.rotations import axis_angle_to_matrix
 from common.shapes import assert_same_shape, expect_shape
 from handpose.model.decoder import NUM_POSE_JOINTS, POSE_DIM, SHAPE_DIM, HandPrediction
 
-LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d")
-DEFAULT_WEIGHTS = {"pose": 1.0, "shape": 0.1, "trans": 0.1, "joints": 10.0, "verts": 10.0, "joints_2d": 1.0}
+LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d", "keypoints_2d")
+DEFAULT_WEIGHTS = {"pose": 1.0, "shape": 0.1, "trans": 0.1, "joints": 10.0, "verts": 10.0, "joints_2d": 1.0,
+                   "keypoints_2d": 0.0}
 WRIST = JOINT_NAMES_21.index("wrist")
 # Hand scale for ``norm_by_hand``: length of the wrist -> middle-finger MCP bone.
 SCALE_BONE = (WRIST, JOINT_NAMES_21.index("middle_mcp"))
@@ -102,9 +103,13 @@ class HandPoseLoss(nn.Module):
         self.reference_scale = float(hand_scale(mean_hand, 1.0))
 
     def forward(
-        self, pred: HandPrediction, batch: Mapping[str, torch.Tensor], bin_centers: tuple[torch.Tensor, ...]
+        self, pred: HandPrediction, batch: Mapping[str, torch.Tensor], bin_centers: tuple[torch.Tensor, ...],
+        keypoints_2d: torch.Tensor | None = None,
     ) -> dict:
         """pred (pose [b, 1, 48], shape [b, 1, 10], trans [b, 1, 3]), 3 x [b, 1, B]; batch [b, t, ...] -> dict.
+
+        ``keypoints_2d [b, 1, 21, 2]``: the auxiliary patch keypoints (crop pixels), required when the
+        ``keypoints_2d`` weight is not 0 (L1 against ``joints_2d[:, -1:]``, normalised by the crop size).
 
         Returns ``loss`` (weighted total), ``terms`` (unweighted, by name) and last-frame tensors
         ``joints_cam_pred/gt [b, 1, 21, 3]``, ``verts_cam_pred/gt [b, 1, 778, 3]``, ``joints_2d_pred
@@ -169,6 +174,15 @@ class HandPoseLoss(nn.Module):
         crop_size = torch.tensor([width, height], dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
         error_2d = (joints_2d_pred - last["joints_2d"]) / crop_size
         terms["joints_2d"] = masked_mean(error_2d.abs().mean(dim=(-2, -1)), weight)
+        if keypoints_2d is not None:
+            assert_same_shape(keypoints_2d, last["joints_2d"], "keypoints_2d", "joints_2d[:, -1:]")
+            error_kp = (keypoints_2d - last["joints_2d"]) / crop_size
+            terms["keypoints_2d"] = masked_mean(error_kp.abs().mean(dim=(-2, -1)), weight)
+        elif self.weights["keypoints_2d"]:
+            raise ValueError("loss weight keypoints_2d > 0 needs the keypoints_2d predictions "
+                             "(PoseNet(aux_keypoints=True).predict_with_keypoints)")
+        else:
+            terms["keypoints_2d"] = torch.zeros((), dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
 
         total = sum(self.weights[name] * terms[name] for name in LOSS_TERMS)
         return {

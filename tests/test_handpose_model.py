@@ -290,3 +290,49 @@ def test_lightning_fit_then_stage2_loads_the_checkpoint(tmp_path):
     # a frozen backbone gets no optimizer group
     lit2.trainer = trainer
     assert [g["name"] for g in lit2.configure_optimizers()["optimizer"].param_groups] == ["head"]
+
+
+def test_patch_keypoint_head_is_a_soft_argmax_over_patch_centres():
+    from handpose.model import PatchKeypointHead
+
+    head = PatchKeypointHead(in_dim=8, grid_size=(2, 4), img_size=32, num_joints=3)
+    # patch centres in crop pixels (integer values at pixel centres): cells of 8 x 16 pixels
+    expected_centres = torch.tensor([[(i + 0.5) * 8 - 0.5, (r + 0.5) * 16 - 0.5] for r in range(2) for i in range(4)])
+    torch.testing.assert_close(head.patch_centres, expected_centres)
+    with torch.no_grad():
+        head.logits.weight.zero_()
+        head.logits.bias.zero_()
+        head.logits.weight[1, 0] = 100.0  # joint 1: all weight on the patches whose feature 0 is large
+    patches = torch.zeros(2, 8, 8)
+    patches[:, 5, 0] = 1.0  # patch 5 = row 1, column 1
+    joints = head(patches)
+    assert joints.shape == (2, 3, 2)
+    torch.testing.assert_close(joints[:, 1], expected_centres[5].expand(2, -1), atol=1e-3, rtol=0)
+    torch.testing.assert_close(joints[:, 0], expected_centres.mean(0).expand(2, -1))  # uniform -> mean centre
+
+
+@pytest.mark.parametrize(("stage", "t"), [("stage1", 1), ("stage2", 7)])
+def test_predict_with_keypoints_supervises_the_backbone_on_the_last_frame(stage, t):
+    net = make_net(stage, aux_keypoints=True).train()
+    batch = make_hand_batch(5, t, IMG)
+    args = [batch[k] for k in ("img", "bbox", "focal", "princpt", "timestamp")]
+    pred, keypoints = net.predict_with_keypoints(*args)
+    assert keypoints.shape == (5, 1, 21, 2)
+    with torch.no_grad():
+        plain = net.eval().predict_mano_param(*args)
+        again, _ = net.predict_with_keypoints(*args)
+    for a, b in zip((*plain.mano, *plain.log_heatmaps), (*again.mano, *again.log_heatmaps)):
+        assert torch.equal(a, b)  # the auxiliary head does not change the MANO outputs
+    loss = HandPoseLoss(weights={k: 0.0 for k in ("pose", "shape", "trans", "joints", "verts", "joints_2d")}
+                        | {"keypoints_2d": 1.0})
+    out = loss(pred, batch, net.trans_bin_centers, keypoints_2d=keypoints)
+    out["loss"].backward()
+    assert out["terms"]["keypoints_2d"] > 0
+    assert net.backbone.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ShapeError):  # all frames' keypoints against the last frame's joints
+        loss(pred, batch, net.trans_bin_centers, keypoints_2d=keypoints.expand(5, t, 21, 2).clone()
+             if t > 1 else keypoints[:, :, :20])
+    with pytest.raises(ValueError, match="keypoints_2d"):
+        loss(pred, batch, net.trans_bin_centers)
+    with pytest.raises(RuntimeError, match="aux_keypoints"):
+        make_net(stage).predict_with_keypoints(*args)

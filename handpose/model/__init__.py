@@ -7,6 +7,7 @@ from .decoder import (
     HandDecoder,
     HandPrediction,
     ManoParams,
+    PatchKeypointHead,
     camera_features,
     make_bin_centers,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "HandDecoder",
     "HandPrediction",
     "ManoParams",
+    "PatchKeypointHead",
     "PoseNet",
     "Stage",
     "TemporalEncoder",

@@ -67,6 +67,33 @@ def camera_features(focal: torch.Tensor, princpt: torch.Tensor, crop_hw: tuple[i
     return torch.cat([direction, torch.log(size / focal)], dim=-1)
 
 
+class PatchKeypointHead(nn.Module):
+    """Dense 2D supervision for the backbone: per joint, a softmax over the patch tokens, and the expected patch
+    centre (soft-argmax) is that joint's position in the crop.
+
+    Regressing MANO from one pooled token teaches a small ViT trained from scratch little about where the fingers
+    are; asking every patch whether a joint lies in it does (the reason hand models start from keypoint
+    pretraining). Used as an auxiliary loss (``keypoints_2d``); MANO outputs do not depend on it.
+    """
+
+    def __init__(self, in_dim: int, grid_size: tuple[int, int], img_size: int, num_joints: int = 21) -> None:
+        super().__init__()
+        self.num_joints = num_joints
+        self.logits = nn.Linear(in_dim, num_joints)
+        gh, gw = grid_size
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        # centre of each patch in crop pixels (integer values at pixel centres, as the data's joints_2d)
+        centres = (torch.stack([xs, ys], dim=-1).reshape(-1, 2).float() + 0.5) * (img_size / torch.tensor([gw, gh]))
+        self.register_buffer("patch_centres", centres - 0.5, persistent=False)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches [n, N, in_dim] -> joints [n, num_joints, 2] (crop pixels, u then v)."""
+        n = patches.shape[0]
+        expect_shape(patches, (n, self.patch_centres.shape[0], None), "patch tokens")
+        weights = F.softmax(self.logits(patches), dim=1)  # [n, N, J], over patches
+        return torch.einsum("nkj,kc->njc", weights, self.patch_centres.to(weights.dtype))
+
+
 class HandDecoder(nn.Module):
     """Query-token transformer decoder over image tokens, plus the MANO / translation heads.
 

@@ -20,7 +20,15 @@ from common.checkpoint import LoadReport, load_weights
 from common.shapes import expect_shape
 
 from .backbone import ViTBackbone
-from .decoder import POSE_DIM, SHAPE_DIM, HandDecoder, HandPrediction, ManoParams, camera_features
+from .decoder import (
+    POSE_DIM,
+    SHAPE_DIM,
+    HandDecoder,
+    HandPrediction,
+    ManoParams,
+    PatchKeypointHead,
+    camera_features,
+)
 from .temporal import TemporalEncoder
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,8 @@ class PoseNet(nn.Module):
             come from the backbone.
         temporal: kwargs of :class:`TemporalEncoder` (depth, heads, ...); used by Stage 2 only.
         freeze_backbone: no gradients into the backbone, and it stays in eval mode.
+        aux_keypoints: add a :class:`PatchKeypointHead` on the patch tokens (2D joints of the last frame, for the
+            ``keypoints_2d`` auxiliary loss through :meth:`predict_with_keypoints`).
     """
 
     def __init__(
@@ -54,6 +64,7 @@ class PoseNet(nn.Module):
         decoder: Mapping | None = None,
         temporal: Mapping | None = None,
         freeze_backbone: bool = False,
+        aux_keypoints: bool = False,
     ) -> None:
         super().__init__()
         self.stage = Stage(stage)
@@ -63,6 +74,10 @@ class PoseNet(nn.Module):
         )
         self.temporal = (
             TemporalEncoder(self.decoder.dim, **dict(temporal or {})) if self.stage is Stage.STAGE2 else None
+        )
+        self.keypoint_head = (
+            PatchKeypointHead(self.backbone.embed_dim, self.backbone.grid_size, self.backbone.img_size)
+            if aux_keypoints else None
         )
         self.backbone_frozen = False
         if freeze_backbone:
@@ -123,6 +138,12 @@ class PoseNet(nn.Module):
         Per frame and independent across frames. ``bbox`` is checked but not needed: for an axis-aligned crop
         the crop intrinsics already encode it (see ``camera_features``).
         """
+        return self._encode(img, bbox, focal, princpt)[0]
+
+    def _encode(
+        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> hand tokens [b, t, d] and the backbone's patch tokens [b, t, N, C]."""
         b, t = img.shape[:2]
         size = self.img_size
         expect_shape(img, (b, t, 3, size, size), "img")
@@ -133,7 +154,8 @@ class PoseNet(nn.Module):
             patches = self.backbone(rearrange(img, "b t c h w -> (b t) c h w"))
         camera = camera_features(focal, princpt, (size, size))
         tokens = self.decoder(patches, rearrange(camera, "b t c -> (b t) c"))
-        return expect_shape(rearrange(tokens, "(b t) d -> b t d", b=b), (b, t, self.token_dim), "frame tokens")
+        tokens = expect_shape(rearrange(tokens, "(b t) d -> b t d", b=b), (b, t, self.token_dim), "frame tokens")
+        return tokens, rearrange(patches, "(b t) n c -> b t n c", b=b)
 
     def refine_and_decode(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> HandPrediction:
         """tokens [b, t, d], timestamp [b, t] -> (pose [b, 1, 48], shape [b, 1, 10], trans [b, 1, 3]), 3 x [b, 1, B]."""
@@ -167,5 +189,17 @@ class PoseNet(nn.Module):
     ) -> HandPrediction:
         """img [b, t, 3, H, W], bbox [b, t, 4], focal/princpt [b, t, 2], timestamp [b, t] -> last frame [b, 1, ...]."""
         return self.refine_and_decode(self.encode_frames(img, bbox, focal, princpt), timestamp)
+
+    def predict_with_keypoints(
+        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
+        timestamp: torch.Tensor,
+    ) -> tuple[HandPrediction, torch.Tensor]:
+        """As :meth:`predict_mano_param`, plus the patch keypoint head's 2D joints of the last frame
+        [b, 1, 21, 2] (crop pixels); needs ``aux_keypoints=True``."""
+        if self.keypoint_head is None:
+            raise RuntimeError("predict_with_keypoints needs a PoseNet built with aux_keypoints=True")
+        tokens, patches = self._encode(img, bbox, focal, princpt)
+        keypoints = self.keypoint_head(patches[:, -1])
+        return self.refine_and_decode(tokens, timestamp), rearrange(keypoints, "b j c -> b 1 j c")
 
     forward = predict_mano_param
