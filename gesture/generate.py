@@ -25,7 +25,7 @@ from gesture.models.vqvae import VQVAE
 
 log = logging.getLogger(__name__)
 
-DECODE_SOURCES = ("logits", "latent")
+DECODE_SOURCES = ("logits", "latent", "continuous")
 
 
 def join_parts(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -49,7 +49,10 @@ class GestureModel(nn.Module):
     """The generator and the frozen per-part VQ-VAEs that decode its codes (always in eval mode, no gradients).
 
     ``decode_from[part]``: "logits" decodes the argmax code (parts trained with a classification loss), "latent"
-    the code nearest to the regressed latent (e.g. the face, whose classification weight is 0).
+    the code nearest to the regressed latent (e.g. the face, whose classification weight is 0), "continuous" the
+    regressed latent itself, not snapped to a code (for a generator that regresses the encoder's continuous
+    output: per-frame codes turn slow motion into a staircase of held frames and jumps, which the frozen decoder
+    does not smooth; see ``MambaTalkModule(latent_target=...)``).
     ``edge_pad``: frames of edge replication around a decoded window (see ``decode``).
     """
 
@@ -97,6 +100,20 @@ class GestureModel(nn.Module):
         return {p: (out.logits[p].argmax(dim=-1) if self.decode_from[p] == "logits"
                     else self.vqvaes[p].quantizer.map2index(out.latents[p])) for p in VQ_PARTS}
 
+    def codes(self, out: GeneratorOutput) -> dict[str, torch.Tensor]:
+        """The vectors each VQ part decodes, ``[b, t, code_dim]``: codebook entries (``logits`` / ``latent``) or the
+        regressed latent itself (``continuous``)."""
+        codes = {}
+        for p in VQ_PARTS:
+            quantizer = self.vqvaes[p].quantizer
+            if self.decode_from[p] == "continuous":
+                codes[p] = quantizer.guard(out.latents[p])
+            else:
+                index = out.logits[p].argmax(dim=-1) if self.decode_from[p] == "logits" else \
+                    quantizer.map2index(out.latents[p])
+                codes[p] = quantizer.get_codebook_entry(index)
+        return codes
+
     def _decode_padded(self, part: str, z_q: torch.Tensor) -> torch.Tensor:
         """Codes ``[b, t, code_dim] -> [b, t, part_dim]``, the first / last code repeated ``edge_pad`` times around
         the window before decoding (and cropped after): the decoder's zero padding would otherwise distort the
@@ -109,16 +126,24 @@ class GestureModel(nn.Module):
 
     def decode(self, indices: Mapping[str, torch.Tensor], global_motion: torch.Tensor) -> torch.Tensor:
         """``{part: [b, t]}`` codes and ``global_motion [b, t, 7]`` -> normalised motion ``[b, t, 320]``."""
-        parts = {p: self._decode_padded(p, self.vqvaes[p].quantizer.get_codebook_entry(indices[p]))
-                 for p in VQ_PARTS}
+        return self.decode_codes({p: self.vqvaes[p].quantizer.get_codebook_entry(indices[p]) for p in VQ_PARTS},
+                                 global_motion)
+
+    def decode_codes(self, codes: Mapping[str, torch.Tensor], global_motion: torch.Tensor) -> torch.Tensor:
+        """``{part: [b, t, code_dim]}`` code vectors and ``global_motion [b, t, 7]`` -> motion ``[b, t, 320]``."""
+        parts = {p: self._decode_padded(p, codes[p]) for p in VQ_PARTS}
         return join_parts({**parts, "global": global_motion})
 
     def decode_latents(self, out: GeneratorOutput, parts: Iterable[str] = PARTS) -> dict[str, torch.Tensor]:
         """Differentiable decoding for training losses: ``{part: [b, t, part_dim]}`` for ``parts``, VQ parts as the
-        straight-through nearest codes of the predicted latents through the frozen decoders, "global" as
-        regressed."""
-        return {p: (out.global_motion if p == "global"
-                    else self._decode_padded(p, straight_through(self.vqvaes[p], out.latents[p]))) for p in parts}
+        straight-through nearest codes of the predicted latents (the latents themselves for ``continuous`` parts)
+        through the frozen decoders, "global" as regressed."""
+        def latent_codes(p: str) -> torch.Tensor:
+            if self.decode_from[p] == "continuous":
+                return out.latents[p]
+            return straight_through(self.vqvaes[p], out.latents[p])
+
+        return {p: (out.global_motion if p == "global" else self._decode_padded(p, latent_codes(p))) for p in parts}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,6 +255,7 @@ def generate(
     motion_out = seed_frames.new_zeros(b, total, POSE_DIM)
     motion_out[:, :pre_frames] = seed_frames[:, :pre_frames]
     indices_out = {p: torch.zeros(b, total, dtype=torch.long, device=device) for p in VQ_PARTS}
+    codes_out = {p: seed_frames.new_zeros(b, total, model.vqvaes[p].code_dim) for p in VQ_PARTS}
     words_all = _pad_frames(words, total, PAD)
     audio_all = _pad_frames(audio, total if bounds is None else int(bounds[-1]))
 
@@ -252,16 +278,17 @@ def generate(
             out = model(audio_w, words_all[:, w.start:w.stop], speaker, motion_w, mask, use_word=use_word,
                         stream=stream)
             states = out.mamba_states
-            new_idx = model.indices(out)
+            new_idx, new_codes = model.indices(out), model.codes(out)
             keep = 0 if k == 0 else w.known  # the first window decides its seed frames' codes too
-            idx_w = {p: torch.cat([indices_out[p][:, w.start:w.start + keep], new_idx[p][:, keep:]], dim=1)
-                     for p in VQ_PARTS}
+            codes_w = {p: torch.cat([codes_out[p][:, w.start:w.start + keep], new_codes[p][:, keep:]], dim=1)
+                       for p in VQ_PARTS}
             global_w = torch.cat([motion_out[:, w.start:w.start + keep, PARTS["global"]],
                                   out.global_motion[:, keep:]], dim=1)
-            decoded = model.decode(idx_w, global_w)  # [b, pose_length, 320]
+            decoded = model.decode_codes(codes_w, global_w)  # [b, pose_length, 320]
             motion_out[:, w.start + keep:w.stop] = decoded[:, keep:]
             for p in VQ_PARTS:
-                indices_out[p][:, w.start + keep:w.stop] = idx_w[p][:, keep:]
+                indices_out[p][:, w.start + keep:w.stop] = new_idx[p][:, keep:]
+                codes_out[p][:, w.start + keep:w.stop] = codes_w[p][:, keep:]
     finally:
         model.train(was_training)
     return Generation(

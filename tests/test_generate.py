@@ -18,13 +18,16 @@ AUDIO_DIM = 2
 L, PRE, HOP = 64, 4, 60
 
 
-def tiny_model(audio_rate: str = "frame", seed: int = 0, **kw) -> GestureModel:
+def tiny_model(audio_rate: str = "frame", seed: int = 0, decode_from: dict | None = None, **kw) -> GestureModel:
     torch.manual_seed(seed)
     gen = MambaTalk(num_speakers=3, vocab_size=5, audio_dim=AUDIO_DIM, code_dim=8, n_codes=16, hidden=16,
                     audio_f=8, motion_f=8, decoder_layers=1, heads=2, word_dim=4, dropout=0.0,
                     audio_rate=audio_rate, audio_depth=1, **kw)
     vqs = {p: VQVAE(p, hidden=8, code_dim=8, n_codes=16, depth=1) for p in VQ_PARTS}
-    return GestureModel(gen, vqs).eval()
+    return GestureModel(gen, vqs, decode_from).eval()
+
+
+CONTINUOUS = dict.fromkeys(VQ_PARTS, "continuous")
 
 
 def clip_inputs(n: int, b: int = 1, seed: int = 0):
@@ -74,11 +77,12 @@ def test_output_has_exactly_n_frames(n):
     assert out.boundaries == [w.first_new for w in plan_windows(n, L, PRE)[1:]]
 
 
-def test_generation_leaves_every_input_bitwise_unchanged():
+@pytest.mark.parametrize("decode_from", [None, CONTINUOUS])
+def test_generation_leaves_every_input_bitwise_unchanged(decode_from):
     """The seed is passed as the whole ground-truth clip (only its first frames are read): if generation used it as
     its working buffer (no clone), the ground truth would be overwritten at every window boundary."""
     n = L + 3 * HOP + 17
-    model = tiny_model()
+    model = tiny_model(decode_from=decode_from)
     audio, words, speaker, gt = clip_inputs(n, b=2)
     originals = [x.clone() for x in (audio, words, speaker, gt)]
     seed_view = gt[:, :PRE]  # a view into gt, as MambaTalk's test loop sliced it
@@ -203,3 +207,31 @@ def test_gesture_model_rejects_mismatched_vqvaes():
         GestureModel(model.generator, {**vqs, "hand": VQVAE("hand", hidden=8, code_dim=4, n_codes=16, depth=1)})
     with pytest.raises(ValueError, match="trained on"):
         GestureModel(model.generator, {**vqs, "hand": vqs["body"]})
+
+
+def test_continuous_decoding_decodes_the_regressed_latents_themselves():
+    """``continuous``: one window's output is the frozen decoders applied to the predicted latents (no codebook
+    snap), so consecutive frames are not held at one code; ``logits`` decodes codebook entries."""
+    model = tiny_model(decode_from=CONTINUOUS)
+    audio, words, speaker, gt = clip_inputs(L)
+    out = generate(model, audio, words, speaker, gt[:, :PRE], L)
+    mask = torch.zeros(1, L, POSE_DIM, dtype=torch.bool)
+    mask[:, PRE:] = True
+    with torch.no_grad():
+        pred = model(audio, words, speaker, gt[:, :PRE].new_zeros(1, L, POSE_DIM).index_copy(
+            1, torch.arange(PRE), gt[:, :PRE]), mask)
+        expected = {p: model._decode_padded(p, pred.latents[p]) for p in VQ_PARTS}
+        codebook = {p: model.vqvaes[p].quantizer.get_codebook_entry(model.indices(pred)[p]) for p in VQ_PARTS}
+    for p in VQ_PARTS:
+        torch.testing.assert_close(out.motion[..., PARTS[p]], expected[p], atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.codes(pred)[p], pred.latents[p])
+        assert not torch.allclose(pred.latents[p], codebook[p])  # not snapped to the codebook
+    snapped = tiny_model()
+    with torch.no_grad():
+        pred = snapped(audio, words, speaker, torch.zeros(1, L, POSE_DIM), mask)
+    for p in VQ_PARTS:
+        codes = snapped.codes(pred)[p]
+        book = snapped.vqvaes[p].quantizer.codebook
+        assert ((codes[0, :, None, :] - book[None]).abs().amax(-1).amin(-1) == 0).all()  # every vector is a code
+    with pytest.raises(ValueError, match="decode_from"):
+        tiny_model(decode_from={"body": "smooth"})

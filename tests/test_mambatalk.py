@@ -356,3 +356,21 @@ def test_missing_fgd_encoder_warns_and_training_goes_on_with_val_loss_as_monitor
     assert "val/fgd" not in trainer.callback_metrics and "val/vel_ratio/body" in trainer.callback_metrics
     fgd_warnings = [r for r in caplog.records if "FGD" in r.getMessage() and r.levelno == logging.WARNING]
     assert 1 <= len(fgd_warnings) <= 2, [r.getMessage() for r in fgd_warnings]  # metrics + monitor switch, once
+
+
+def test_continuous_latent_target_is_the_vq_encoder_output_and_decodes_continuously():
+    quantised, continuous = tiny_module(), tiny_module(latent_target="continuous")
+    assert continuous.decode_from == dict.fromkeys(VQ_PARTS, "continuous")
+    assert quantised.decode_from == {"body": "logits", "hand": "logits", "face": "latent"}
+    motion = window_batch(0)["motion"][None]
+    t_q, t_c = quantised.targets(motion), continuous.targets(motion)
+    for p in VQ_PARTS:
+        vq = continuous.model.vqvaes[p]
+        with torch.no_grad():
+            z_e = vq.encode(motion[..., PARTS[p]])
+        torch.testing.assert_close(t_c.latents[p], z_e)
+        torch.testing.assert_close(t_q.latents[p], vq.quantizer.get_codebook_entry(vq.quantizer.map2index(z_e)))
+        assert torch.equal(t_q.indices[p], t_c.indices[p])  # classification targets do not change
+    with pytest.raises(ValueError, match="latent_target"):
+        tiny_module(latent_target="soft")
+    _fit(continuous, [window_batch(i) for i in range(2)])  # trains end to end

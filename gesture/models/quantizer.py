@@ -136,6 +136,11 @@ class Quantizer(nn.Module):
             indices = dist2.argmin(dim=1)
         return self._clamp(indices, where).reshape(z.shape[:-1])
 
+    def guard(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [b, t, code_dim]`` used as a continuous code (no lookup): non-finite values counted and zeroed."""
+        expect_shape(z, (None, None, self.code_dim), "z")
+        return self._sanitise(z, "guard")
+
     def map2index(self, z: torch.Tensor) -> torch.Tensor:
         """``z [b, t, code_dim] -> indices [b, t]`` (long, in range; non-finite input counted and zeroed)."""
         expect_shape(z, (None, None, self.code_dim), "z")
