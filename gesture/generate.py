@@ -54,10 +54,13 @@ class GestureModel(nn.Module):
     output: per-frame codes turn slow motion into a staircase of held frames and jumps, which the frozen decoder
     does not smooth; see ``MambaTalkModule(latent_target=...)``).
     ``edge_pad``: frames of edge replication around a decoded window (see ``decode``).
+    ``boundary_blend``: in ``generate``, each later window's continuous codes and global part are shifted to
+    continue from the frame before it, the shift fading out over this many frames (0 = off): windows are
+    generated separately and otherwise jump where they meet.
     """
 
     def __init__(self, generator: MambaTalk, vqvaes: Mapping[str, VQVAE],
-                 decode_from: Mapping[str, str] | None = None, edge_pad: int = 8) -> None:
+                 decode_from: Mapping[str, str] | None = None, edge_pad: int = 8, boundary_blend: int = 0) -> None:
         super().__init__()
         missing = set(VQ_PARTS) - set(vqvaes)
         if missing:
@@ -81,6 +84,9 @@ class GestureModel(nn.Module):
         if bad:
             raise ValueError(f"decode_from: parts must be in {VQ_PARTS} and sources in {DECODE_SOURCES}, got {bad}")
         self.decode_from = sources
+        if boundary_blend < 0:
+            raise ValueError(f"boundary_blend must be >= 0, got {boundary_blend}")
+        self.boundary_blend = boundary_blend
         if edge_pad < 0:
             raise ValueError(f"edge_pad must be >= 0, got {edge_pad}")
         self.edge_pad = edge_pad
@@ -183,6 +189,17 @@ def plan_windows(n_frames: int, pose_length: int = 64, pre_frames: int = 4) -> l
     return windows
 
 
+def continue_from(new: torch.Tensor, previous: torch.Tensor, known: int, frames: int) -> torch.Tensor:
+    """Shift ``new [b, L, d]`` after its first ``known`` frames so that it continues from ``previous [b, d]`` (the
+    value already decided for frame ``known - 1``): frame ``known + i`` moves by the offset at ``known - 1`` times
+    ``1 - (i + 1) / (frames + 1)``, zero from ``known + frames`` on. Returns a new tensor; frames before ``known``
+    are unchanged."""
+    offset = previous - new[:, known - 1]
+    steps = torch.arange(1, new.shape[1] - known + 1, device=new.device, dtype=new.dtype)
+    ramp = (1 - steps / (frames + 1)).clamp(min=0)
+    return torch.cat([new[:, :known], new[:, known:] + offset[:, None] * ramp[None, :, None]], dim=1)
+
+
 def _pad_frames(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
     """Pad dim 1 of ``x [b, t, ...]`` with ``value`` up to ``length`` (new tensor when padded)."""
     missing = length - x.shape[1]
@@ -278,12 +295,18 @@ def generate(
             out = model(audio_w, words_all[:, w.start:w.stop], speaker, motion_w, mask, use_word=use_word,
                         stream=stream)
             states = out.mamba_states
-            new_idx, new_codes = model.indices(out), model.codes(out)
+            new_idx, new_codes, new_global = model.indices(out), model.codes(out), out.global_motion
             keep = 0 if k == 0 else w.known  # the first window decides its seed frames' codes too
+            if keep and model.boundary_blend:
+                last = w.start + keep - 1
+                new_codes = {p: (continue_from(c, codes_out[p][:, last], keep, model.boundary_blend)
+                                 if model.decode_from[p] == "continuous" else c) for p, c in new_codes.items()}
+                new_global = continue_from(new_global, motion_out[:, last, PARTS["global"]], keep,
+                                           model.boundary_blend)
             codes_w = {p: torch.cat([codes_out[p][:, w.start:w.start + keep], new_codes[p][:, keep:]], dim=1)
                        for p in VQ_PARTS}
             global_w = torch.cat([motion_out[:, w.start:w.start + keep, PARTS["global"]],
-                                  out.global_motion[:, keep:]], dim=1)
+                                  new_global[:, keep:]], dim=1)
             decoded = model.decode_codes(codes_w, global_w)  # [b, pose_length, 320]
             motion_out[:, w.start + keep:w.stop] = decoded[:, keep:]
             for p in VQ_PARTS:

@@ -81,7 +81,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
         raise ValueError(f"{path}: not a MambaTalkModule checkpoint (no '{CHECKPOINT_KEY}' entry)")
     generator = MambaTalk(**extras["generator_config"])
     vqvaes = {p: VQVAE(**extras["vqvae_configs"][p]) for p in VQ_PARTS}
-    model = GestureModel(generator, vqvaes, extras["decode_from"], int(extras.get("edge_pad", 0)))
+    model = GestureModel(generator, vqvaes, extras["decode_from"], int(extras.get("edge_pad", 0)),
+                         int(extras.get("boundary_blend", 0)))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -202,6 +202,8 @@ class MambaTalkModule(L.LightningModule):
             0.89), through the unquantised latent 0.89 with a 6x lower error, so "continuous" generation can keep
             the beats. The classification heads are trained either way.
         edge_pad: frames of code replication around each decoded window (``GestureModel``).
+        boundary_blend: frames over which a later window's continuous parts fade from the previous window's
+            last frame (``GestureModel``; 0 = off).
         max_consecutive_nonfinite: a NaN/Inf loss skips its step (counted, ``train/nonfinite_skipped``); this many
             in a row raise.
         fgd_encoder: checkpoint of the FGD motion encoder (``gesture.feature_encoder``); ``None``: no FGD.
@@ -226,6 +228,7 @@ class MambaTalkModule(L.LightningModule):
         decode_from: Mapping[str, str] | None = None,
         latent_target: str = "quantised",
         edge_pad: int = 8,
+        boundary_blend: int = 0,
         max_consecutive_nonfinite: int = 10,
         fgd_encoder: str | None = None,
         val_bc_skip: int = 8,
@@ -305,7 +308,8 @@ class MambaTalkModule(L.LightningModule):
             num_speakers=info.num_speakers, vocab_size=info.vocab_size, audio_dim=info.audio_dim,
             code_dim={p: v.code_dim for p, v in self._vqvaes.items()},
             n_codes={p: v.n_codes for p, v in self._vqvaes.items()})
-        self.model = GestureModel(generator, self._vqvaes, self.decode_from, self.hparams.edge_pad)
+        self.model = GestureModel(generator, self._vqvaes, self.decode_from, self.hparams.edge_pad,
+                                  self.hparams.boundary_blend)
         mean, std = info.stats()
         self.motion_mean.copy_(mean.to(self.motion_mean.device))
         self.motion_std.copy_(std.to(self.motion_std.device))
@@ -486,6 +490,7 @@ class MambaTalkModule(L.LightningModule):
             "vqvae_configs": {p: dict(v.config) for p, v in self.model.vqvaes.items()},
             "decode_from": dict(self.model.decode_from),
             "edge_pad": int(self.model.edge_pad),
+            "boundary_blend": int(self.model.boundary_blend),
             "data_info": self.data_info.to_dict(),
             "pose_length": int(self.hparams.pose_length),
             "pre_frames": int(self.hparams.pre_frames),

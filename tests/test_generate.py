@@ -9,7 +9,15 @@ from fractions import Fraction
 import pytest
 import torch
 
-from gesture.generate import GestureModel, Window, generate, join_parts, plan_windows, window_audio_bounds
+from gesture.generate import (
+    GestureModel,
+    Window,
+    continue_from,
+    generate,
+    join_parts,
+    plan_windows,
+    window_audio_bounds,
+)
 from gesture.layout import PARTS, POSE_DIM, VQ_PARTS
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
@@ -235,3 +243,32 @@ def test_continuous_decoding_decodes_the_regressed_latents_themselves():
         assert ((codes[0, :, None, :] - book[None]).abs().amax(-1).amin(-1) == 0).all()  # every vector is a code
     with pytest.raises(ValueError, match="decode_from"):
         tiny_model(decode_from={"body": "smooth"})
+
+
+def test_continue_from_removes_the_offset_at_the_boundary_and_fades_it_out():
+    g = torch.Generator().manual_seed(0)
+    new, previous = torch.randn(2, 16, 3, generator=g), torch.randn(2, 3, generator=g)
+    out = continue_from(new, previous, known=4, frames=5)
+    assert torch.equal(out[:, :4], new[:, :4]) and torch.equal(out[:, 10:], new[:, 10:])
+    offset = previous - new[:, 3]
+    for i in range(5):  # linear fade: 5/6, 4/6, ... of the offset
+        torch.testing.assert_close(out[:, 4 + i], new[:, 4 + i] + offset * (1 - (i + 1) / 6))
+    # the step into the first new frame is the window's own step, not the jump between the windows
+    torch.testing.assert_close(out[:, 4] - previous, (new[:, 4] - new[:, 3]) + offset * (-1 / 6))
+
+
+def test_boundary_blend_makes_later_windows_continue_from_the_previous_one():
+    n = L + 2 * HOP + 17
+    audio, words, speaker, gt = clip_inputs(n)
+    jumps = {}
+    for blend in (0, 8):
+        model = tiny_model(decode_from=CONTINUOUS)
+        model.boundary_blend = blend
+        out = generate(model, audio, words, speaker, gt[:, :PRE], n)
+        body = out.motion[0, :, PARTS["body"]]
+        jumps[blend] = torch.stack([(body[b] - body[b - 1]).norm() for b in out.boundaries])
+        if blend == 0:
+            first = out
+    assert (jumps[8] < jumps[0]).all(), jumps
+    # the first window is not touched
+    torch.testing.assert_close(out.motion[:, :out.boundaries[0]], first.motion[:, :first.boundaries[0]])

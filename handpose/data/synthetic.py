@@ -52,10 +52,10 @@ class SyntheticConfig:
     """Everything that determines the generated set (together with the sequence index)."""
 
     seed: int = 0
-    num_seqs: int = 56  # split into train / val / test as total - 2 k / k / k with k = max(1, round(n / 7))
+    num_seqs: int = 280  # split into train / val / test as total - 2 k / k / k with k = max(1, round(n / 7))
     image_size: int = 256
-    min_frames: int = 30
-    max_frames: int = 60
+    min_frames: int = 20
+    max_frames: int = 40
     fps: float = 30.0
     drop_prob: float = 0.1  # per frame, plus occasional bursts
     left_prob: float = 0.5  # fraction of left-hand sequences
