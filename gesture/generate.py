@@ -106,19 +106,13 @@ class GestureModel(nn.Module):
         return {p: (out.logits[p].argmax(dim=-1) if self.decode_from[p] == "logits"
                     else self.vqvaes[p].quantizer.map2index(out.latents[p])) for p in VQ_PARTS}
 
-    def codes(self, out: GeneratorOutput) -> dict[str, torch.Tensor]:
-        """The vectors each VQ part decodes, ``[b, t, code_dim]``: codebook entries (``logits`` / ``latent``) or the
-        regressed latent itself (``continuous``)."""
-        codes = {}
-        for p in VQ_PARTS:
-            quantizer = self.vqvaes[p].quantizer
-            if self.decode_from[p] == "continuous":
-                codes[p] = quantizer.guard(out.latents[p])
-            else:
-                index = out.logits[p].argmax(dim=-1) if self.decode_from[p] == "logits" else \
-                    quantizer.map2index(out.latents[p])
-                codes[p] = quantizer.get_codebook_entry(index)
-        return codes
+    def codes(self, out: GeneratorOutput, indices: Mapping[str, torch.Tensor] | None = None
+              ) -> dict[str, torch.Tensor]:
+        """The vectors each VQ part decodes, ``[b, t, code_dim]``: the codebook entries of ``indices`` (default
+        ``self.indices(out)``) for ``logits`` / ``latent`` parts, the regressed latent itself for ``continuous``."""
+        indices = self.indices(out) if indices is None else indices
+        return {p: (self.vqvaes[p].quantizer.guard(out.latents[p]) if self.decode_from[p] == "continuous"
+                    else self.vqvaes[p].quantizer.get_codebook_entry(indices[p])) for p in VQ_PARTS}
 
     def _decode_padded(self, part: str, z_q: torch.Tensor) -> torch.Tensor:
         """Codes ``[b, t, code_dim] -> [b, t, part_dim]``, the first / last code repeated ``edge_pad`` times around
@@ -295,7 +289,8 @@ def generate(
             out = model(audio_w, words_all[:, w.start:w.stop], speaker, motion_w, mask, use_word=use_word,
                         stream=stream)
             states = out.mamba_states
-            new_idx, new_codes, new_global = model.indices(out), model.codes(out), out.global_motion
+            new_idx = model.indices(out)
+            new_codes, new_global = model.codes(out, new_idx), out.global_motion
             keep = 0 if k == 0 else w.known  # the first window decides its seed frames' codes too
             if keep and model.boundary_blend:
                 last = w.start + keep - 1
