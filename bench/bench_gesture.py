@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
+from bench.timing import interleaved
 from gesture.generate import GestureModel, generate, seed_from_mean
 from gesture.layout import VQ_PARTS
 from gesture.models.mambatalk import MambaTalk
@@ -53,15 +53,7 @@ def bench(seconds: float = 60.0, repeats: int = 5, seed: int = 0) -> tuple[dict[
     speaker, seed_frames = torch.tensor([1]), seed_from_mean(1, 4)
     runs = {mode: (lambda s=streaming: generate(model, audio, words, speaker, seed_frames, n, streaming=s))
             for mode, streaming in (("windowed", False), ("streaming", True))}
-    for run in runs.values():  # warm-up
-        run()
-    times: dict[str, list[float]] = {mode: [] for mode in runs}
-    for _ in range(repeats):
-        for mode, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[mode].append(time.perf_counter() - t0)
-    return times, n
+    return interleaved(runs, repeats), n
 
 
 def main() -> None:

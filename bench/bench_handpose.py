@@ -24,6 +24,7 @@ import torch
 from einops import rearrange
 from torch.profiler import ProfilerActivity, profile
 
+from bench.timing import interleaved
 from handpose.data.datamodule import HandDataModule
 from handpose.data.dataset import read_frame
 from handpose.data.format import LEFT, read_sequence, read_splits
@@ -110,20 +111,6 @@ def peak_tensor_mb(run: Callable[[], None]) -> float:
             prof.export_memory_timeline(str(path), device="cpu")
         _, sizes = json.loads(path.read_text())
     return max(sum(s) for s in sizes) / 2**20
-
-
-def interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, repeats interleaved so a busy machine slows all of them alike."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def first_batch(datamodule: HandDataModule) -> dict:

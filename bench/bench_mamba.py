@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bench.timing import interleaved
 from gesture.models.mamba import MambaBlock
 
 
@@ -50,16 +51,7 @@ def bench(batch: int = 32, length: int = 64, d_model: int = 256, d_state: int = 
     modules = _candidates(d_model, d_state, expand)
     x = torch.randn(batch, length, d_model, requires_grad=True)
     runs = {name: _fwd_bwd(m, x) for name, m in modules.items()}
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t0 = timer()
-            run()
-            times[name].append(timer() - t0)
-    return times
+    return interleaved(runs, repeats, warmup, timer)
 
 
 def markdown_table(times: dict[str, list[float]], reference: str = "mambapy MambaBlock") -> str:
