@@ -1,7 +1,8 @@
 """Training callbacks shared by every experiment: progress display, RNG-state resume, final metrics table.
 
 `progress_bar()` picks a rich bar in a terminal and plain lines in CI logs; `RNGStateCallback` makes a resumed
-run continue with the random state the uninterrupted run had, so resume at an epoch boundary is exact.
+run continue with the random state the uninterrupted run had, so resume at an epoch boundary is exact. `EMA` is
+Lightning's `EMAWeightAveraging` without its cold-start hazard.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, ProgressBar, RichProgressBar
 
 
 def _fmt(v: Any) -> str:
@@ -119,3 +120,39 @@ class RNGStateCallback(pl.Callback):
             except RuntimeError:
                 pass  # different number of devices: keep the freshly seeded CUDA state
         self._pending = None
+
+
+class EMA(EMAWeightAveraging):
+    """Exponential moving average of the weights, used for validation, checkpoints (``state_dict``; the raw weights
+    go to ``current_model_state``) and after training.
+
+    Lightning's callback copies the model when fit *begins*, before ``LightningModule.setup`` loads pretrained or
+    Stage 1 weights, and that copy is what it validates, saves and finally writes back into the model until the
+    first average update. A run shorter than ``update_starting_at_step`` thus ended with its initial random
+    weights. Here, until averaging has started, the average is kept equal to the current weights.
+    """
+
+    def _sync_until_started(self, pl_module: pl.LightningModule) -> None:
+        avg = getattr(self, "_average_model", None)
+        if avg is not None and int(avg.n_averaged) == 0:
+            avg.module.load_state_dict(pl_module.state_dict())
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_until_started(pl_module)
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._sync_until_started(pl_module)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_until_started(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._sync_until_started(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_until_started(pl_module)
+        super().on_train_end(trainer, pl_module)

@@ -15,10 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.shapes import assert_same_shape, expect_shape
-from gesture.layout import PARTS, VQ_PARTS
+from gesture.layout import GLOBAL_ROT_DIM, PARTS, VQ_PARTS
 from gesture.models.mambatalk import GeneratorOutput
 
 ALL_PARTS = (*VQ_PARTS, "global")
+# Channels of each part's slice that velocity / acceleration terms compare. Global: the rotation only; foot contact
+# is a 0/1 label whose steps are not motion (gesture.metrics measures the global velocity ratio the same way).
+MOTION_CHANNELS = {p: slice(None) for p in VQ_PARTS} | {"global": slice(0, GLOBAL_ROT_DIM)}
 
 
 @dataclass
@@ -56,8 +59,12 @@ class MambaTalkLoss(nn.Module):
         latent: MSE weight per part between the predicted and the VQ latent ("global": the regressed 7-d slice).
         cls: cross-entropy weight per VQ part over the codebook (face 0: SAM-3D-Body faces are often constant).
         label_smoothing: per VQ part (body 0.1 against codebook oscillation).
-        vel: L1 weight per part between the frame-to-frame differences of decoded motion and ground truth.
+        vel: L1 weight per part between the frame-to-frame differences of decoded motion and ground truth
+            (global: its rotation channels only, not the foot contact labels).
         acc: the same on second differences (off by default).
+        speed: L1 weight per part between the mean absolute frame-to-frame change of decoded motion and of ground
+            truth, per sample (off by default). Unlike ``vel`` it does not ask for the timing of the motion, only
+            for its amount: regression losses alone pull motion the inputs do not determine towards standing still.
 
     ``forward`` returns the weighted ``loss`` and every computed term unweighted (``latent/body``, ``cls/hand``,
     ``vel/global``, ...). Velocity / acceleration terms need ``decoded`` motion; without it they are left out.
@@ -70,6 +77,7 @@ class MambaTalkLoss(nn.Module):
         label_smoothing: Mapping[str, float] | None = None,
         vel: Mapping[str, float] | None = None,
         acc: Mapping[str, float] | None = None,
+        speed: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.latent_w = _weights(latent if latent is not None else dict.fromkeys(ALL_PARTS, 3.0), ALL_PARTS,
@@ -79,11 +87,12 @@ class MambaTalkLoss(nn.Module):
                                   "label_smoothing")
         self.vel_w = _weights(vel if vel is not None else {"global": 2.0, "body": 0.5, "hand": 1.0}, ALL_PARTS, "vel")
         self.acc_w = _weights(acc, ALL_PARTS, "acc")
+        self.speed_w = _weights(speed, ALL_PARTS, "speed")
 
     @property
     def decoded_parts(self) -> tuple[str, ...]:
         """Parts whose decoded motion the velocity / acceleration terms need."""
-        return tuple(p for p in ALL_PARTS if self.vel_w[p] > 0 or self.acc_w[p] > 0)
+        return tuple(p for p in ALL_PARTS if self.vel_w[p] > 0 or self.acc_w[p] > 0 or self.speed_w[p] > 0)
 
     def without_parts(self, parts: Iterable[str]) -> MambaTalkLoss:
         """A copy with every weight of ``parts`` set to 0 (e.g. a zero-variance face)."""
@@ -93,7 +102,7 @@ class MambaTalkLoss(nn.Module):
             return {p: (0.0 if p in drop else v) for p, v in w.items()}
 
         return MambaTalkLoss(keep(self.latent_w), keep(self.cls_w), self.smoothing, keep(self.vel_w),
-                             keep(self.acc_w))
+                             keep(self.acc_w), keep(self.speed_w))
 
     def forward(self, out: GeneratorOutput, target: LossTargets, decoded: Mapping[str, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor]:
@@ -129,9 +138,18 @@ class MambaTalkLoss(nn.Module):
                     if w > 0:
                         gt_part = target.motion[..., PARTS[p]]
                         assert_same_shape(decoded[p], gt_part, f"decoded {p}", f"gt {p}")
-                        d_pred, d_gt = diff(decoded[p]), diff(gt_part)
+                        ch = MOTION_CHANNELS[p]
+                        d_pred, d_gt = diff(decoded[p][..., ch]), diff(gt_part[..., ch])
                         assert_same_shape(d_pred, d_gt, f"{name} {p}", f"gt {name} {p}")
                         add(f"{name}/{p}", w, F.l1_loss(d_pred, d_gt))
+            for p, w in self.speed_w.items():
+                if w > 0:
+                    ch = MOTION_CHANNELS[p]
+                    gt_part = target.motion[..., PARTS[p]][..., ch]
+                    pred_part = decoded[p][..., ch]
+                    assert_same_shape(pred_part, gt_part, f"decoded {p}", f"gt {p}")
+                    s_pred, s_gt = velocity(pred_part).abs().mean(dim=(1, 2)), velocity(gt_part).abs().mean(dim=(1, 2))
+                    add(f"speed/{p}", w, F.l1_loss(s_pred, s_gt))  # [b] vs [b]
         expect_shape(total, (), "loss")
         terms["loss"] = total
         return terms

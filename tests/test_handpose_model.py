@@ -187,6 +187,35 @@ def test_backbone_loads_a_timm_file_of_another_resolution(tmp_path):
     assert torch.equal(backbone.vit.pos_embed[:, 0], source.pos_embed[:, 0])
 
 
+def test_conv_stem_keeps_the_token_grid_and_sees_only_its_neighbourhood():
+    torch.manual_seed(0)
+    backbone = ViTBackbone(**{**BACKBONE, "img_size": 64}, stem="conv").eval()
+    patch = ViTBackbone(**{**BACKBONE, "img_size": 64}).eval()
+    assert backbone.grid_size == patch.grid_size == (4, 4) and backbone.embed_dim == patch.embed_dim
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = backbone.vit.patch_embed(img)  # [n, 16, 192] before the transformer mixes tokens
+        changed = img.clone()
+        changed[:, :, 56:, 56:] += 1.0  # inside the bottom-right patch
+        diff = (backbone.vit.patch_embed(changed) - feats).abs().amax(dim=(0, 2)).reshape(4, 4)
+    assert diff[3, 3] > 0 and diff[:2].eq(0).all() and diff[:, :2].eq(0).all()  # receptive field: one patch + rim
+    assert backbone(img).shape == (2, 16, 192)
+
+
+def test_conv_stem_rejects_bad_settings_and_reports_unloaded_patchify_weights(tmp_path):
+    with pytest.raises(ValueError, match="stem"):
+        ViTBackbone(**BACKBONE, stem="resnet")
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViTBackbone(name="vit_small_patch14_dinov2", img_size=28, depth=1, stem="conv")
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, depth=1, num_classes=0)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "vit.safetensors")
+    report = ViTBackbone(**BACKBONE, stem="conv").load_pretrained(tmp_path / "vit.safetensors")
+    assert not report.clean
+    assert "vit.patch_embed.proj.weight" not in report.loaded and "patch_embed.proj.weight" not in report.loaded
+    assert any("patch_embed.proj" in k for k in report.unexpected + [m[0] for m in report.mismatched])
+
+
 def test_freeze_backbone_freezes_it_and_keeps_it_in_eval_mode():
     net = make_net("stage2", freeze_backbone=True).train()
     assert all(not p.requires_grad for p in net.backbone.parameters())

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from common.shapes import ShapeError
 from gesture.data.speakers import SpeakerMap
-from gesture.layout import GLOBAL_DIM, PARTS, POSE_DIM, VQ_PARTS
+from gesture.layout import GLOBAL_DIM, GLOBAL_ROT_DIM, PARTS, POSE_DIM, VQ_PARTS
 from gesture.loss import LossTargets, MambaTalkLoss
 from gesture.models.mambatalk import GeneratorOutput, MambaLayer, MambaStream, MambaTalk, hold_last_visible
 from gesture.models.vqvae import VQVAE
@@ -209,7 +209,8 @@ def test_loss_terms_match_numpy_references():
         expect[f"cls/{p}"] = ((1 - eps) * -logp[np.arange(len(idx)), idx] + eps * -logp.mean(1)).mean()
     for p in ("global", "body", "hand"):
         d_pred, d_gt = np.diff(n(decoded[..., PARTS[p]]), axis=1), np.diff(n(tgt.motion[..., PARTS[p]]), axis=1)
-        expect[f"vel/{p}"] = np.abs(d_pred - d_gt).mean()
+        ch = slice(0, GLOBAL_ROT_DIM) if p == "global" else slice(None)  # global: rotation, not contact
+        expect[f"vel/{p}"] = np.abs(d_pred[..., ch] - d_gt[..., ch]).mean()
     a_pred = np.diff(n(decoded[..., PARTS["body"]]), 2, axis=1)
     expect["acc/body"] = np.abs(a_pred - np.diff(n(tgt.motion[..., PARTS["body"]]), 2, axis=1)).mean()
     assert "cls/face" not in terms  # weight 0 by default
@@ -218,6 +219,36 @@ def test_loss_terms_match_numpy_references():
     weights = {**{f"latent/{p}": 3.0 for p in (*VQ_PARTS, "global")}, "cls/body": 1.0, "cls/hand": 2.0,
                "vel/global": 2.0, "vel/body": 0.5, "vel/hand": 1.0, "acc/body": 0.7}
     assert float(terms["loss"]) == pytest.approx(sum(weights[k] * expect[k] for k in weights), rel=1e-5)
+
+
+def test_global_velocity_term_ignores_foot_contact_steps():
+    out, tgt = _targets()
+    decoded = {p: tgt.motion[..., PARTS[p]] for p in ("body", "hand", "global")}
+    flipped = decoded["global"].clone()
+    flipped[:, 3::2, GLOBAL_ROT_DIM:] += 1.0  # contact switching every frame: a label, not a motion
+    terms = MambaTalkLoss()(out, tgt, {**decoded, "global": flipped})
+    assert float(terms["vel/global"]) == 0.0
+    turned = decoded["global"].clone()
+    turned[:, 3::2, :GLOBAL_ROT_DIM] += 1.0  # the same steps on the rotation are penalised
+    assert float(MambaTalkLoss()(out, tgt, {**decoded, "global": turned})["vel/global"]) > 0.1
+
+
+def test_speed_term_asks_for_the_amount_of_motion_not_its_timing():
+    out, tgt = _targets()
+    gt = {p: tgt.motion[..., PARTS[p]] for p in ("body", "hand", "global")}
+    loss = MambaTalkLoss(vel={}, speed={"global": 1.0, "body": 0.5})
+    assert loss.decoded_parts == ("body", "global")
+    reversed_time = {p: v.flip(1) for p, v in gt.items()}  # the same moves in another order
+    terms = loss(out, tgt, reversed_time)
+    assert float(terms["speed/global"]) == pytest.approx(0.0, abs=1e-6) and float(terms["speed/body"]) < 1e-6
+    assert float(MambaTalkLoss()(out, tgt, reversed_time)["vel/global"]) > 0.1  # vel does ask for the timing
+    still = {p: v[:, :1].expand_as(v) for p, v in gt.items()}
+    n = lambda x: x.detach().double().numpy()  # noqa: E731
+    g = n(gt["global"])[..., :GLOBAL_ROT_DIM]  # the rotation channels only
+    expect = np.abs(np.abs(np.diff(g, axis=1)).mean(axis=(1, 2))).mean()  # still: predicted speed 0
+    assert float(loss(out, tgt, still)["speed/global"]) == pytest.approx(expect, rel=1e-5)
+    with pytest.raises(ValueError, match="speed: unknown parts"):
+        MambaTalkLoss(speed={"feet": 1.0})
 
 
 def test_loss_never_broadcasts():

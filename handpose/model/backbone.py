@@ -7,6 +7,7 @@ download). Not responsible for cropping or normalisation (the data side does tha
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import timm
@@ -20,6 +21,25 @@ from common.shapes import expect_shape
 log = logging.getLogger(__name__)
 
 
+class ConvStem(nn.Sequential):
+    """``[n, 3, H, W] -> [n, dim, H / patch, W / patch]``: log2(patch) stride-2 3x3 conv + BN + ReLU layers
+    (widths doubling up to ``dim / 2``), then a 1x1 projection to ``dim`` (Xiao et al. 2021, "Early
+    convolutions help transformers see better"). Replaces the ViT's patchify convolution."""
+
+    def __init__(self, dim: int, patch: int) -> None:
+        n = int(round(math.log2(patch)))
+        if 2 ** n != patch or n < 1:
+            raise ValueError(f"conv stem needs a power-of-two patch size, got {patch}")
+        widths = [max(8, dim // 2 ** (n - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        c_in = 3
+        for w in widths:
+            layers += [nn.Conv2d(c_in, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c_in = w
+        layers.append(nn.Conv2d(c_in, dim, 1))
+        super().__init__(*layers)
+
+
 class ViTBackbone(nn.Module):
     """timm ViT without its classifier; returns the patch tokens (prefix/register tokens dropped).
 
@@ -30,6 +50,9 @@ class ViTBackbone(nn.Module):
         weight: optional local ``.safetensors`` / ``.pth`` file with ViT weights (timm or original DINOv2
             layout); a position embedding of another grid size is resampled to ``img_size``.
         drop_path_rate: stochastic depth.
+        stem: ``"patch"`` (the architecture's patchify convolution; pretrained weights fit it) or ``"conv"``
+            (:class:`ConvStem`: stride-2 3x3 convolutions down to the same token grid, for training from
+            scratch, where a ViT with a patchify stem learns fine spatial detail far more slowly).
     """
 
     def __init__(
@@ -39,14 +62,21 @@ class ViTBackbone(nn.Module):
         depth: int | None = None,
         weight: str | None = None,
         drop_path_rate: float = 0.0,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"model.net.backbone.stem: {stem!r} is not one of 'patch', 'conv'")
         kwargs = {"img_size": img_size, "num_classes": 0, "drop_path_rate": drop_path_rate}
         if depth is not None:
             kwargs["depth"] = depth
         self.vit = timm.create_model(name, pretrained=False, **kwargs)
         if not isinstance(self.vit, VisionTransformer):
             raise TypeError(f"backbone {name!r} is a {type(self.vit).__name__}, expected a timm VisionTransformer")
+        if stem == "conv":
+            # PatchEmbed keeps its flatten / norm / size check; only its projection changes.
+            self.vit.patch_embed.proj = ConvStem(self.vit.embed_dim, self.vit.patch_embed.patch_size[0])
+        self.stem = stem
         self.img_size = img_size
         self.embed_dim: int = self.vit.embed_dim
         self.grid_size: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)
@@ -63,7 +93,10 @@ class ViTBackbone(nn.Module):
                 "weights are never downloaded)"
             )
         # timm's own filter converts original DINOv2 keys and resamples the position embedding to our grid.
-        state = checkpoint_filter_fn(read_state_dict(path), self.vit)
+        raw = read_state_dict(path)
+        # A conv stem has no patchify kernel to take: such keys are reported unexpected, not resized into it.
+        dropped = sorted(k for k in raw if self.stem == "conv" and k.startswith("patch_embed.proj."))
+        state = checkpoint_filter_fn({k: v for k, v in raw.items() if k not in dropped}, self.vit)
         target = self.vit.state_dict()
         mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in state.items()
                       if k in target and v.shape != target[k].shape]
@@ -72,7 +105,7 @@ class ViTBackbone(nn.Module):
         report = LoadReport(
             loaded=sorted(loadable),
             missing=sorted(set(target) - set(loadable) - {k for k, _, _ in mismatched}),
-            unexpected=sorted(set(state) - set(target)),
+            unexpected=sorted((set(state) - set(target)) | set(dropped)),
             mismatched=mismatched,
         )
         log.log(logging.INFO if report.clean else logging.WARNING, "backbone weights from %s: %s",
