@@ -48,7 +48,7 @@ train-stage1: $(STAMP)
 
 train-stage2: $(STAMP)
 	@test -f $(STAGE1_DONE) || $(MAKE) --no-print-directory train-stage1 RUN= ARGS=test_after_fit=false
-	$(TRAIN) experiment=stage2 $(RUN_ARG) $(ARGS)
+	$(TRAIN) experiment=stage2 test_after_fit=false $(RUN_ARG) $(ARGS)
 	$(PY) -m handpose.evaluate --ckpt outputs/stage2/$(or $(RUN),stage2)/checkpoints/last.ckpt --split val
 
 HAND_CKPT ?= outputs/stage2/stage2/checkpoints/last.ckpt

@@ -66,7 +66,7 @@ TINY_HAND = ["model.net.backbone.img_size=32", "model.net.backbone.depth=1", "mo
              "data.synthetic.num_seqs=7", "data.synthetic.min_frames=10", "data.synthetic.max_frames=10",
              "data.synthetic.image_size=64", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
              "logger=csv", "model.mean_init_batches=1", "model.num_vis=2",
-             "callbacks.ema.update_starting_at_step=2", "trainer.check_val_every_n_epoch=1"]
+             "callbacks.ema.update_starting_at_step=2"]
 
 
 def test_stage1_then_stage2_through_the_entrypoint(tmp_path):
