@@ -49,8 +49,10 @@ def test_interrupted_run_resumed_by_same_command_equals_uninterrupted(tmp_path):
     # Start the same run, interrupt it with Ctrl-C once the first epoch's checkpoint exists.
     cmd = _cmd(tmp_path, "run_name=cut", *common)
     last = tmp_path / "out" / "toy" / "cut" / "checkpoints" / "last.ckpt"
+    # SIGINT back to its default in the child: a shell running `make test` in the background (`&`) starts its
+    # children with SIGINT ignored, and Python keeps an ignored SIGINT ignored (no KeyboardInterrupt, no Ctrl-C).
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
