@@ -133,23 +133,22 @@ class MambaTalkLoss(nn.Module):
             missing = set(self.decoded_parts) - set(decoded)
             if missing:
                 raise KeyError(f"MambaTalkLoss: decoded motion of parts {sorted(missing)} is needed")
-            for name, weights, diff in (("vel", self.vel_w, velocity), ("acc", self.acc_w, acceleration)):
-                for p, w in weights.items():
-                    if w > 0:
-                        gt_part = target.motion[..., PARTS[p]]
-                        assert_same_shape(decoded[p], gt_part, f"decoded {p}", f"gt {p}")
-                        ch = MOTION_CHANNELS[p]
-                        d_pred, d_gt = diff(decoded[p][..., ch]), diff(gt_part[..., ch])
-                        assert_same_shape(d_pred, d_gt, f"{name} {p}", f"gt {name} {p}")
-                        add(f"{name}/{p}", w, F.l1_loss(d_pred, d_gt))
-            for p, w in self.speed_w.items():
-                if w > 0:
-                    ch = MOTION_CHANNELS[p]
-                    gt_part = target.motion[..., PARTS[p]][..., ch]
-                    pred_part = decoded[p][..., ch]
-                    assert_same_shape(pred_part, gt_part, f"decoded {p}", f"gt {p}")
-                    s_pred, s_gt = velocity(pred_part).abs().mean(dim=(1, 2)), velocity(gt_part).abs().mean(dim=(1, 2))
-                    add(f"speed/{p}", w, F.l1_loss(s_pred, s_gt))  # [b] vs [b]
+            for p in self.decoded_parts:  # each part's motion channels sliced, and differenced, once
+                gt_part = target.motion[..., PARTS[p]]
+                assert_same_shape(decoded[p], gt_part, f"decoded {p}", f"gt {p}")
+                ch = MOTION_CHANNELS[p]
+                pred_m, gt_m = decoded[p][..., ch], gt_part[..., ch]
+                v_pred, v_gt = velocity(pred_m), velocity(gt_m)
+                assert_same_shape(v_pred, v_gt, f"vel {p}", f"gt vel {p}")
+                if self.vel_w[p] > 0:
+                    add(f"vel/{p}", self.vel_w[p], F.l1_loss(v_pred, v_gt))
+                if self.acc_w[p] > 0:
+                    a_pred, a_gt = acceleration(pred_m), acceleration(gt_m)
+                    assert_same_shape(a_pred, a_gt, f"acc {p}", f"gt acc {p}")
+                    add(f"acc/{p}", self.acc_w[p], F.l1_loss(a_pred, a_gt))
+                if self.speed_w[p] > 0:
+                    s_pred, s_gt = v_pred.abs().mean(dim=(1, 2)), v_gt.abs().mean(dim=(1, 2))  # [b] each
+                    add(f"speed/{p}", self.speed_w[p], F.l1_loss(s_pred, s_gt))
         expect_shape(total, (), "loss")
         terms["loss"] = total
         return terms
