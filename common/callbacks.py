@@ -129,7 +129,8 @@ class EMA(EMAWeightAveraging):
     Lightning's callback copies the model when fit *begins*, before ``LightningModule.setup`` loads pretrained or
     Stage 1 weights, and that copy is what it validates, saves and finally writes back into the model until the
     first average update. A run shorter than ``update_starting_at_step`` thus ended with its initial random
-    weights. Here, until averaging has started, the average is kept equal to the current weights.
+    weights. Here, until averaging has started, the average is refreshed from the current weights wherever it is
+    used.
     """
 
     def _sync_until_started(self, pl_module: pl.LightningModule) -> None:
@@ -137,14 +138,7 @@ class EMA(EMAWeightAveraging):
         if avg is not None and int(avg.n_averaged) == 0:
             avg.module.load_state_dict(pl_module.state_dict())
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync_until_started(pl_module)
-        super().on_train_start(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._sync_until_started(pl_module)
-
+    # Synced only where the average is used (not per training step): validation, checkpoints, the end of fit.
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_until_started(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
