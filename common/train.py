@@ -112,6 +112,25 @@ def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
     Console(width=100).print(table)
 
 
+TEST_CKPTS = ("best", "last")
+
+
+def checkpoint_to_test(trainer: Any, which: str) -> str | None:
+    """The checkpoint the test after fit loads: ``which="best"`` the best by the monitored metric, ``"last"``
+    the final epoch's (``last.ckpt``, written by the unmonitored ModelCheckpoint of ``configs/callbacks``);
+    ``None`` (the weights in memory) when no such checkpoint was written."""
+    if which not in TEST_CKPTS:
+        raise ValueError(f"test_ckpt must be one of {TEST_CKPTS}, got {which!r}")
+    for cb in trainer.checkpoint_callbacks:
+        monitored = getattr(cb, "monitor", None) is not None
+        path = cb.best_model_path if monitored == (which == "best") else ""
+        if which == "last":
+            path = path or getattr(cb, "last_model_path", "")
+        if path:
+            return path
+    return None
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) the configured experiment; returns the final scalar metrics."""
     torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -139,9 +158,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics.update(_scalar_metrics(trainer.callback_metrics))
         has_test = getattr(datamodule, "has_split", lambda split: False)("test")
         if cfg.test_after_fit and has_test and not trainer.fast_dev_run:
-            ckpt_cb = trainer.checkpoint_callback
-            best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
-            results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            tested = checkpoint_to_test(trainer, str(cfg.get("test_ckpt", "best")))
+            if _is_rank_zero():
+                print(f"Testing {tested or 'the final weights in memory'}")
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
             for res in results:
                 metrics.update(_scalar_metrics(res))
     finally:

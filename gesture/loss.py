@@ -27,11 +27,13 @@ MOTION_CHANNELS = {p: slice(None) for p in VQ_PARTS} | {"global": slice(0, GLOBA
 @dataclass
 class LossTargets:
     """Ground truth of one batch: ``motion [b, t, 320]`` normalised, the frozen VQ-VAEs' ``latents[p] [b, t, d]``
-    and ``indices[p] [b, t]`` (long) for each part of ``VQ_PARTS``."""
+    and ``indices[p] [b, t]`` (long) for each part of ``VQ_PARTS``, and the raw foot contact labels
+    ``contact [b, t, 4]`` (0/1 floats; needed when the generator classifies contact)."""
 
     motion: torch.Tensor
     latents: dict[str, torch.Tensor]
     indices: dict[str, torch.Tensor]
+    contact: torch.Tensor | None = None
 
 
 def _weights(given: Mapping[str, float] | None, parts: Iterable[str], name: str) -> dict[str, float]:
@@ -56,7 +58,8 @@ class MambaTalkLoss(nn.Module):
     """Weighted sum of MambaTalk's terms (defaults: the MHR port's V3 weights, seed 002 §5).
 
     Args:
-        latent: MSE weight per part between the predicted and the VQ latent ("global": the regressed 7-d slice).
+        latent: MSE weight per part between the predicted and the VQ latent ("global": the regressed global slice,
+            i.e. the rotation when the generator classifies foot contact, else all 7 channels).
         cls: cross-entropy weight per VQ part over the codebook (face 0: SAM-3D-Body faces are often constant).
         label_smoothing: per VQ part (body 0.1 against codebook oscillation).
         vel: L1 weight per part between the frame-to-frame differences of decoded motion and ground truth
@@ -65,6 +68,8 @@ class MambaTalkLoss(nn.Module):
         speed: L1 weight per part between the mean absolute frame-to-frame change of decoded motion and of ground
             truth, per sample (off by default). Unlike ``vel`` it does not ask for the timing of the motion, only
             for its amount: regression losses alone pull motion the inputs do not determine towards standing still.
+        contact: binary cross-entropy weight of the foot contact logits against the 0/1 labels (used when the
+            generator classifies contact, ``GeneratorOutput.contact_logits``).
 
     ``forward`` returns the weighted ``loss`` and every computed term unweighted (``latent/body``, ``cls/hand``,
     ``vel/global``, ...). Velocity / acceleration terms need ``decoded`` motion; without it they are left out.
@@ -78,6 +83,7 @@ class MambaTalkLoss(nn.Module):
         vel: Mapping[str, float] | None = None,
         acc: Mapping[str, float] | None = None,
         speed: Mapping[str, float] | None = None,
+        contact: float = 1.0,
     ) -> None:
         super().__init__()
         self.latent_w = _weights(latent if latent is not None else dict.fromkeys(ALL_PARTS, 3.0), ALL_PARTS,
@@ -88,6 +94,9 @@ class MambaTalkLoss(nn.Module):
         self.vel_w = _weights(vel if vel is not None else {"global": 2.0, "body": 0.5, "hand": 1.0}, ALL_PARTS, "vel")
         self.acc_w = _weights(acc, ALL_PARTS, "acc")
         self.speed_w = _weights(speed, ALL_PARTS, "speed")
+        if contact < 0:
+            raise ValueError(f"contact weight must be >= 0, got {contact}")
+        self.contact_w = float(contact)
 
     @property
     def decoded_parts(self) -> tuple[str, ...]:
@@ -102,7 +111,7 @@ class MambaTalkLoss(nn.Module):
             return {p: (0.0 if p in drop else v) for p, v in w.items()}
 
         return MambaTalkLoss(keep(self.latent_w), keep(self.cls_w), self.smoothing, keep(self.vel_w),
-                             keep(self.acc_w), keep(self.speed_w))
+                             keep(self.acc_w), keep(self.speed_w), 0.0 if "global" in drop else self.contact_w)
 
     def forward(self, out: GeneratorOutput, target: LossTargets, decoded: Mapping[str, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor]:
@@ -126,9 +135,19 @@ class MambaTalkLoss(nn.Module):
                 add(f"cls/{p}", self.cls_w[p], F.cross_entropy(logits.flatten(0, 1), idx.flatten(0, 1),
                                                              label_smoothing=self.smoothing[p]))
         gt_global = target.motion[..., PARTS["global"]]
+        assert_same_shape(out.global_motion, gt_global, "global", "gt global")
+        classified = out.contact_logits is not None
+        regressed = slice(0, GLOBAL_ROT_DIM) if classified else slice(None)  # contact decisions carry no gradient
         if self.latent_w["global"] > 0:
-            assert_same_shape(out.global_motion, gt_global, "global", "gt global")
-            add("latent/global", self.latent_w["global"], F.mse_loss(out.global_motion, gt_global))
+            add("latent/global", self.latent_w["global"],
+                F.mse_loss(out.global_motion[..., regressed], gt_global[..., regressed]))
+        if classified and self.contact_w > 0:
+            if target.contact is None:
+                raise ValueError("MambaTalkLoss: the generator classifies foot contact but LossTargets.contact "
+                                 "(the raw 0/1 labels) is missing")
+            assert_same_shape(out.contact_logits, target.contact, "contact logits", "contact labels")
+            add("cls/contact", self.contact_w,
+                F.binary_cross_entropy_with_logits(out.contact_logits, target.contact))
         if decoded is not None:
             missing = set(self.decoded_parts) - set(decoded)
             if missing:

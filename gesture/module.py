@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from common.loggers import log_image
 from common.shapes import expect_shape
 from gesture.generate import GestureModel, generate
-from gesture.layout import PARTS, POSE_DIM, VQ_PARTS, ClipConstants
+from gesture.layout import PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS, ClipConstants
 from gesture.loss import LossTargets, MambaTalkLoss
 from gesture.metrics import BASELINES, EvalClip, GestureMetrics, evaluate_baselines, format_comparison
 from gesture.models.mambatalk import MambaTalk
@@ -311,6 +311,8 @@ class MambaTalkModule(L.LightningModule):
         self.model = GestureModel(generator, self._vqvaes, self.decode_from, self.hparams.edge_pad,
                                   self.hparams.boundary_blend)
         mean, std = info.stats()
+        contact = SUB_SLICES["contact"]
+        generator.set_contact_stats(mean[contact], std[contact])
         self.motion_mean.copy_(mean.to(self.motion_mean.device))
         self.motion_std.copy_(std.to(self.motion_std.device))
         skipped = [p for p in info.zero_variance_parts if p in PARTS]
@@ -340,7 +342,10 @@ class MambaTalkModule(L.LightningModule):
             latents = {p: vq[p].encode(motion[..., PARTS[p]]) for p in VQ_PARTS}
         else:
             latents = {p: vq[p].quantizer.get_codebook_entry(indices[p]) for p in VQ_PARTS}
-        return LossTargets(motion=motion, latents=latents, indices=indices)
+        contact = SUB_SLICES["contact"]
+        raw = motion[..., contact] * self.motion_std[contact].to(motion) + self.motion_mean[contact].to(motion)
+        labels = (raw > 0.5).to(motion.dtype)  # the data's 0/1 labels, exactly
+        return LossTargets(motion=motion, latents=latents, indices=indices, contact=labels)
 
     def current_mask_ratio(self) -> float:
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1

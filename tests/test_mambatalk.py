@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from common.shapes import ShapeError
 from gesture.data.speakers import SpeakerMap
-from gesture.layout import GLOBAL_DIM, GLOBAL_ROT_DIM, PARTS, POSE_DIM, VQ_PARTS
+from gesture.layout import GLOBAL_DIM, GLOBAL_ROT_DIM, PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS
 from gesture.loss import LossTargets, MambaTalkLoss
 from gesture.models.mambatalk import GeneratorOutput, MambaLayer, MambaStream, MambaTalk, hold_last_visible
 from gesture.models.vqvae import VQVAE
@@ -151,16 +151,37 @@ def test_hold_last_visible_matches_a_loop():
 
 
 def test_global_residual_starts_where_the_seed_ends():
-    """With the residual head at its zero initialisation, the generated global part holds the last seed frame."""
-    model = tiny_generator().eval()
+    """With the residual head at its zero initialisation, the generated global part holds the last seed frame:
+    the rotation when contact is classified, all 7 channels when it is regressed (MambaTalk's single vector)."""
     x = inputs()
-    out = model(**x)
-    g = PARTS["global"]
-    torch.testing.assert_close(out.global_motion[:, :4], x["motion"][:, :4, g], rtol=0, atol=0)
+    g, rot = PARTS["global"], slice(0, GLOBAL_ROT_DIM)
     held = x["motion"][:, 3:4, g].expand(-1, 12, -1)
-    torch.testing.assert_close(out.global_motion[:, 4:], held, rtol=0, atol=0)
-    plain = tiny_generator(global_residual=False).eval()(**x).global_motion
-    assert not torch.allclose(plain[:, 4:], held)
+    for contact, channels in (("classify", rot), ("regress", slice(None))):
+        out = tiny_generator(contact=contact).eval()(**x).global_motion
+        torch.testing.assert_close(out[:, :4, channels], x["motion"][:, :4, g][..., channels], rtol=0, atol=0)
+        torch.testing.assert_close(out[:, 4:, channels], held[..., channels], rtol=0, atol=0)
+        plain = tiny_generator(global_residual=False, contact=contact).eval()(**x).global_motion
+        assert not torch.allclose(plain[:, 4:, channels], held[..., channels])
+
+
+def test_classified_contact_is_the_normalised_label_of_its_logit():
+    """Contact comes out as exact 0/1 labels (logit > 0) in the data's normalised units, with its logits; the
+    regressing head has no logits."""
+    model = tiny_generator(global_residual=False).eval()
+    mean, std = torch.tensor([0.9, 0.95, 0.5, 0.98]), torch.tensor([0.3, 0.2, 0.5, 0.14])
+    model.set_contact_stats(mean, std)
+    out = model(**inputs())
+    c = slice(GLOBAL_ROT_DIM, GLOBAL_DIM)
+    raw = out.global_motion[..., c].double() * std.double() + mean.double()
+    expect = (out.contact_logits > 0).double()
+    torch.testing.assert_close(raw, expect, rtol=0, atol=1e-6)
+    assert 0 < float(expect.mean()) < 1  # both decisions occur at this random init
+    assert tiny_generator(contact="regress")(**inputs()).contact_logits is None
+    assert "contact_mean" in model.state_dict()  # the normalisation travels with the weights
+    with pytest.raises(ValueError, match="contact std"):
+        model.set_contact_stats(mean, torch.zeros(4))
+    with pytest.raises(ValueError, match="contact must be one of"):
+        tiny_generator(contact="threshold")
 
 
 def test_words_off_changes_the_output():
@@ -231,6 +252,44 @@ def test_global_velocity_term_ignores_foot_contact_steps():
     turned = decoded["global"].clone()
     turned[:, 3::2, :GLOBAL_ROT_DIM] += 1.0  # the same steps on the rotation are penalised
     assert float(MambaTalkLoss()(out, tgt, {**decoded, "global": turned})["vel/global"]) > 0.1
+
+
+def test_classified_contact_is_a_binary_cross_entropy_and_leaves_the_global_mse_to_the_rotation():
+    out, tgt = _targets()
+    g = torch.Generator().manual_seed(3)
+    b, t = tgt.motion.shape[:2]
+    logits = torch.randn(b, t, GLOBAL_DIM - GLOBAL_ROT_DIM, generator=g)
+    labels = (torch.rand(b, t, GLOBAL_DIM - GLOBAL_ROT_DIM, generator=g) < 0.8).float()
+    classified = GeneratorOutput(out.latents, out.logits, out.global_motion, contact_logits=logits)
+    with_labels = LossTargets(tgt.motion, tgt.latents, tgt.indices, contact=labels)
+    terms = MambaTalkLoss(contact=0.5)(classified, with_labels)
+    n = lambda x: x.detach().double().numpy()  # noqa: E731
+    z, y = n(logits), n(labels)
+    bce = (np.logaddexp(0.0, z) - y * z).mean()  # -y log s(z) - (1 - y) log(1 - s(z))
+    assert float(terms["cls/contact"]) == pytest.approx(bce, rel=1e-5)
+    rot = slice(0, GLOBAL_ROT_DIM)
+    mse = ((n(out.global_motion)[..., rot] - n(tgt.motion[..., PARTS["global"]])[..., rot]) ** 2).mean()
+    assert float(terms["latent/global"]) == pytest.approx(mse, rel=1e-5)
+    plain = MambaTalkLoss(contact=0.5)(out, with_labels)  # regressed contact: the 7-d MSE, no cross-entropy
+    assert "cls/contact" not in plain
+    assert float(plain["latent/global"]) == pytest.approx(
+        ((n(out.global_motion) - n(tgt.motion[..., PARTS["global"]])) ** 2).mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="LossTargets.contact"):
+        MambaTalkLoss()(classified, tgt)
+    assert MambaTalkLoss().without_parts(["global"]).contact_w == 0.0
+
+
+def test_module_targets_hold_the_raw_contact_labels():
+    module = tiny_module()
+    mean, std = module.motion_mean.clone(), module.motion_std.clone()
+    c = SUB_SLICES["contact"]
+    mean[c], std[c] = 0.9, 0.3
+    module.motion_mean.copy_(mean)
+    module.motion_std.copy_(std)
+    labels = (torch.rand(2, 16, 4, generator=torch.Generator().manual_seed(0)) < 0.7).float()
+    motion = torch.randn(2, 16, POSE_DIM)
+    motion[..., c] = (labels - 0.9) / 0.3
+    torch.testing.assert_close(module.targets(motion).contact, labels, rtol=0, atol=0)
 
 
 def test_speed_term_asks_for_the_amount_of_motion_not_its_timing():

@@ -85,10 +85,12 @@ def test_explicit_resume_without_checkpoint_fails_clearly(tmp_path):
 
 def test_last_checkpoint_is_the_final_epoch_even_when_it_is_not_the_best(tmp_path):
     # monitor_mode=max on a falling loss: the best checkpoint is epoch 0, last.ckpt must still be epoch 2
-    _train(tmp_path, "run_name=m", "trainer.max_epochs=3", "logger=csv", "test_after_fit=false", "monitor_mode=max")
+    # test_ckpt=last: the test after fit loads last.ckpt, not the (epoch 0) best
+    proc = _train(tmp_path, "run_name=m", "trainer.max_epochs=3", "logger=csv", "monitor_mode=max", "test_ckpt=last")
     ckpts = tmp_path / "out" / "toy" / "m" / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 2
     assert [p.name for p in ckpts.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
+    assert f"Testing {ckpts / 'last.ckpt'}" in proc.stdout
 
 
 def test_resume_false_starts_fresh_and_keeps_old_checkpoints(tmp_path):
@@ -127,5 +129,6 @@ def test_wandb_offline_run_written_without_network(tmp_path):
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, f"no offline wandb run in {run_dir}: {proc.stdout[-2000:]}"
     assert "wandb sync" in proc.stdout
+    assert f"Testing {run_dir / 'checkpoints' / 'best-epoch000.ckpt'}" in proc.stdout  # test_ckpt=best (default)
     assert (run_dir / "metrics.json").is_file()
     assert "test/loss" in json.loads((run_dir / "metrics.json").read_text())

@@ -3,7 +3,8 @@
 Speech-like 16 kHz audio (voiced syllables with harmonics and formants, consonant noise bursts, pauses), word
 TextGrids, and MHR-layout motion driven by that audio: body and hand gestures whose speed peaks follow syllable and
 stress onsets (each stroke reaches its apex, a pose extreme and speed minimum, on an onset: the motion beats of beat
-consistency), jaw and expression following the loudness, slow global sway, foot steps.
+consistency), jaw and expression following the loudness (plus a slow low-rank expression drift), slow global sway, foot
+steps.
 ``python -m gesture.data.synthetic --out DIR --seed S``. Not a model of real gesture, only of its timing.
 """
 
@@ -46,6 +47,7 @@ BEAT_SPEAKERS: tuple[tuple[int, str], ...] = (
 VOWEL_FORMANTS = ((730, 1090, 2440), (270, 2290, 3010), (530, 1840, 2480), (570, 840, 2410), (300, 870, 2240),
                   (660, 1720, 2410))
 LATENT = 6  # stroke latent dims per stream (body, hands); the idle drift adds 2
+EXPR_DRIFT_RANK = 3  # directions of the slow expression drift
 
 
 @dataclass(frozen=True)
@@ -280,8 +282,11 @@ def _clip(cfg: SyntheticConfig, index: int, spk: Speaker, seconds: float, mixing
     rms = np.sqrt(np.add.reduceat(audio[: bounds[-1]].astype(np.float64) ** 2, bounds[:-1]) / np.diff(bounds))
     loud = gaussian_filter1d(rms / (rms.max() + 1e-9), 1.0)
     jaw = np.stack([0.35 * loud, 0.02 * loud, np.zeros(n)], 1)
-    drift = gaussian_filter1d(rng.normal(0, 0.3, (n, EXPR_DIM)), 15.0, axis=0)
-    expr = loud[:, None] * mixing["expr"] + drift
+    # Slow expression drift on EXPR_DRIFT_RANK shared directions (real expression parameters are correlated):
+    # independent drifts on all 72 dims were noise no model can learn and a VQ-VAE could not reconstruct (its own
+    # reconstruction of ground truth moved 1.5x as fast). The draw keeps its size so later draws are unchanged.
+    drift = gaussian_filter1d(rng.normal(0, 0.3, (n, EXPR_DIM))[:, :EXPR_DRIFT_RANK], 15.0, axis=0)
+    expr = loud[:, None] * mixing["expr"] + drift @ mixing["expr_drift"]
     if cfg.zero_face:
         jaw, expr = np.zeros((n, JAW_DIM)), np.zeros((n, EXPR_DIM))
     sway = np.stack([0.03 * np.sin(2 * np.pi * t / 5.0 + rng.uniform(0, 6)),
@@ -348,7 +353,8 @@ def generate(out: Path | str, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
               "breath": mix_rng.normal(0, 1, BODY_DIM) * body_scale,
               "hand_left": _orthonormal_rows(mix_rng, LATENT + 2, np.ones(HAND_PCA_DIM)) * 0.5 * HAND_PCA_DIM**0.5,
               "hand_right": _orthonormal_rows(mix_rng, LATENT + 2, np.ones(HAND_PCA_DIM)) * 0.5 * HAND_PCA_DIM**0.5,
-              "expr": mix_rng.normal(0, 0.5, EXPR_DIM) * (np.arange(EXPR_DIM) < 12)}
+              "expr": mix_rng.normal(0, 0.5, EXPR_DIM) * (np.arange(EXPR_DIM) < 12),
+              "expr_drift": mix_rng.normal(0, 1, (EXPR_DRIFT_RANK, EXPR_DIM)) / EXPR_DRIFT_RANK**0.5}
     clips: list[tuple[str, str, Speaker]] = []
     for s in range(cfg.num_speakers):
         raw_id, name = BEAT_SPEAKERS[s]
