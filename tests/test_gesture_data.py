@@ -21,7 +21,7 @@ from gesture.data.audio import audio_features, fit_to_frames, frame_bounds, onse
 from gesture.data.corpus import CorpusError, foot_contact, load_clip
 from gesture.data.preprocess import PreprocessConfig, build_gesture_cache
 from gesture.data.speakers import SpeakerMap, speaker_from_name
-from gesture.data.synthetic import SyntheticConfig, generate
+from gesture.data.synthetic import EXPR_DRIFT_RANK, SyntheticConfig, generate
 from gesture.data.textgrid import PAD, UNK, Vocabulary, frame_words, read_words
 from gesture.layout import PARTS, POSE_DIM, SUB_SLICES
 from gesture.metrics import BC_PARAM_GROUPS, group_speed, motion_beats
@@ -380,6 +380,18 @@ def test_synthetic_clip_passes_the_loader(tiny):
     np.testing.assert_allclose(clip.constants.cam_t, cam.mean(0), rtol=1e-5)
     sources = {load_clip(tiny, c).contact_source for c in ("2_scott_0_1_1", "2_scott_0_2_2")}
     assert sources == {"keypoints", "contact"}
+
+
+def test_synthetic_expression_is_low_rank_over_all_clips(tiny):
+    """Expression = loudness on one fixed direction + a slow drift on EXPR_DRIFT_RANK shared directions, so the 72
+    dims of every clip together span at most 1 + EXPR_DRIFT_RANK directions (independent per-dim drifts were noise
+    that neither the face VQ-VAE nor the generator could learn)."""
+    clips = sorted((tiny / "mhr_30").glob("*.npz"))
+    expr = np.concatenate([(e := np.load(f)["expr_params"].astype(np.float64)) - e.mean(0) for f in clips])
+    sv = np.linalg.svd(expr, compute_uv=False)
+    rank = 1 + EXPR_DRIFT_RANK
+    assert sv[rank - 1] > 1e-2 * sv[0]  # every direction is used ...
+    assert sv[rank] < 1e-4 * sv[0]  # ... and nothing beyond them (float32 rounding only)
 
 
 def test_contact_falls_back_to_key_then_ones(tiny, tmp_path):
