@@ -283,7 +283,7 @@ class MambaTalk(nn.Module):
             "regress": the 7-d global part regressed as one vector, as MambaTalk. Contact is a 0/1 label that is
             nearly always 1 (synthetic corpus: mean 0.98, std 0.14), so a lifted foot is a -7 std outlier in
             normalised units: regressed, its squared error was 10-30x the rotation's and drowned it (per-channel
-            MSE 1.5-3.5 against 0.1-0.27), and the global rotation barely moved (velocity ratio 0.2).
+            MSE 1.5-3.5 against 0.1-0.27), and the global rotation barely moved (velocity ratio 0.25).
 
     ``config`` holds the constructor arguments (without ``word_vectors``); checkpoints store it.
     """
