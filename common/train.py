@@ -158,7 +158,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics.update(_scalar_metrics(trainer.callback_metrics))
         has_test = getattr(datamodule, "has_split", lambda split: False)("test")
         if cfg.test_after_fit and has_test and not trainer.fast_dev_run:
-            tested = checkpoint_to_test(trainer, str(cfg.get("test_ckpt", "best")))
+            tested = checkpoint_to_test(trainer, str(cfg.test_ckpt))
             if _is_rank_zero():
                 print(f"Testing {tested or 'the final weights in memory'}")
             results = trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)

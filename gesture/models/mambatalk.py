@@ -487,15 +487,16 @@ class MambaTalk(nn.Module):
         if self.global_residual:
             g = PARTS["global"]
             held = hold_last_visible(motion[..., g], ~mask[..., g])
+        contact_logits = None
         if self.contact_head == "regress":
             global_motion = global_out if held is None else global_out + held
-            return GeneratorOutput(latents=latents, logits=logits, global_motion=global_motion,
-                                   mamba_states=states_out or {})
-        rot, contact_logits = global_out[..., :GLOBAL_ROT_DIM], global_out[..., GLOBAL_ROT_DIM:]
-        if held is not None:
-            rot = rot + held[..., :GLOBAL_ROT_DIM]
-        decided = (contact_logits > 0).to(rot.dtype)  # p > 0.5
-        contact = (decided - self.contact_mean.to(rot.dtype)) / self.contact_std.to(rot.dtype)
-        return GeneratorOutput(latents=latents, logits=logits, global_motion=torch.cat([rot, contact], dim=-1),
+        else:
+            rot, contact_logits = global_out[..., :GLOBAL_ROT_DIM], global_out[..., GLOBAL_ROT_DIM:]
+            if held is not None:
+                rot = rot + held[..., :GLOBAL_ROT_DIM]
+            decided = (contact_logits > 0).to(rot.dtype)  # p > 0.5
+            contact = (decided - self.contact_mean.to(rot.dtype)) / self.contact_std.to(rot.dtype)
+            global_motion = torch.cat([rot, contact], dim=-1)
+        return GeneratorOutput(latents=latents, logits=logits, global_motion=global_motion,
                                mamba_states=states_out or {}, contact_logits=contact_logits)
 
