@@ -1,4 +1,5 @@
-"""Forward+backward time of the pure-PyTorch MambaBlock, mambapy's block and a same-width transformer layer.
+"""Forward+backward time of our MambaBlock (C scan kernel, and the chunked PyTorch scan), mambapy's block and a
+same-width transformer layer.
 
 All three are timed side by side in one run (interleaved repeats, median), so ratios hold on a busy machine.
 Run: ``python -m bench.bench_mamba [--batch 32 --length 64 --repeats 15 --threads N]``. Not a test.
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from bench.timing import interleaved
+from gesture.models import scan_kernel
 from gesture.models.mamba import MambaBlock
 
 
@@ -32,10 +34,13 @@ def _candidates(d_model: int, d_state: int, expand: int) -> dict[str, nn.Module]
     from mambapy.mamba import MambaConfig
 
     ours = MambaBlock(d_model, d_state=d_state, expand=expand)
+    ours_torch = MambaBlock(d_model, d_state=d_state, expand=expand, scan_kernel=False)
+    ours_torch.load_state_dict(ours.state_dict())
     mambapy = MambapyBlock(MambaConfig(d_model=d_model, n_layers=1, d_state=d_state, expand_factor=expand))
     mambapy.load_state_dict(ours.state_dict())  # same parameter names: same work on the same weights
     transformer = nn.TransformerEncoderLayer(d_model, 4, 4 * d_model, batch_first=True)
-    return {"MambaBlock (ours)": ours, "mambapy MambaBlock": mambapy,
+    return {"MambaBlock (ours, C scan kernel)": ours, "MambaBlock (ours, PyTorch scan)": ours_torch,
+            "mambapy MambaBlock": mambapy,
             "nn.TransformerEncoderLayer": transformer}
 
 
@@ -82,7 +87,8 @@ def main() -> None:
     print(f"CPU forward+backward, x [{args.batch}, {args.length}, {args.d_model}], d_state {args.d_state}, "
           f"expand {args.expand}, {args.threads} threads, {args.clock} clock, torch {torch.__version__}, "
           f"median of {args.repeats} interleaved repeats, load average {load:.1f} on {os.cpu_count()} CPUs, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}\n")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, C scan kernel "
+          f"{'built' if scan_kernel.load() is not None else 'unavailable (both rows use the PyTorch scan)'}\n")
     print(markdown_table(times))
 
 

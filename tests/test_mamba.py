@@ -4,6 +4,7 @@ streaming use against the full sequence, and (on a GPU with mamba_ssm) against m
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from common.shapes import ShapeError
 from gesture.models import mamba as mamba_module
+from gesture.models import scan_kernel
 from gesture.models.mamba import MambaBlock, make_mamba, selective_scan, selective_scan_ref
 
 SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -54,10 +56,16 @@ def _assert_scan_close(fast, ref, atol, rtol):
                                    msg=lambda m, k=k: f"grad {k}: {m}")
 
 
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler: the scan kernel cannot be built here")
+BACKENDS = [pytest.param(False, id="torch"), pytest.param(True, id="kernel", marks=needs_compiler)]
+
+
+@pytest.mark.parametrize("kernel", BACKENDS)
 @pytest.mark.parametrize(("length", "chunk"), [(13, 4), (16, 4), (1, 8), (1, 1), (7, 1), (9, 32), (20, None)])
-def test_fast_scan_matches_sequential_reference_float32(length, chunk):
+def test_fast_scan_matches_sequential_reference_float32(length, chunk, kernel):
     inputs = _scan_inputs(length=length, dtype=torch.float32)
-    fast = _run(selective_scan, inputs, chunk=chunk)
+    fast = _run(selective_scan, inputs, chunk=chunk, kernel=kernel)
     ref = _run(selective_scan_ref, inputs)
     assert fast[0].dtype == torch.float32
     _assert_scan_close(fast, ref, atol=1e-5, rtol=1e-5)
@@ -70,10 +78,11 @@ def test_fast_scan_matches_sequential_reference_float64(length, chunk):
                        atol=1e-12, rtol=1e-12)
 
 
-def test_fast_scan_is_stable_for_very_strong_decay():
+@pytest.mark.parametrize("kernel", BACKENDS)
+def test_fast_scan_is_stable_for_very_strong_decay(kernel):
     # delta * A down to about -1e3: exp underflows to 0, which must not turn into inf or nan anywhere.
     inputs = _scan_inputs(length=12, dtype=torch.float32, delta_scale=60.0)
-    fast = _run(selective_scan, inputs, chunk=5)
+    fast = _run(selective_scan, inputs, chunk=5, kernel=kernel)
     ref = _run(selective_scan_ref, {k: v.detach().double().requires_grad_() for k, v in inputs.items()})
     assert all(torch.isfinite(t).all() for t in (fast[0], fast[1], *fast[2].values()))
     ref32 = (ref[0].float(), ref[1].float(), {k: v.float() for k, v in ref[2].items()})
@@ -88,6 +97,57 @@ def test_fast_scan_without_optional_inputs_matches_reference():
     torch.testing.assert_close(y_fast, y_ref, atol=1e-12, rtol=1e-12)
 
 
+@needs_compiler
+@pytest.mark.parametrize(("b", "d", "n", "length"), [(1, 1, 1, 1), (3, 33, 16, 40), (2, 64, 5, 3), (5, 95, 8, 70)])
+def test_scan_kernel_matches_the_float64_reference_across_block_edges(b, d, n, length):
+    # Channel counts around the kernel's block of 32, one and several threads, no initial state and no
+    # gradient into the last state (the None paths of the kernel).
+    inputs = {k: v for k, v in _scan_inputs(b=b, d=d, n=n, length=length, dtype=torch.float32, seed=3).items()
+              if k != "initial_state"}
+    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    y_ref = selective_scan_ref(**ref_inputs, delta_softplus=True)
+    w = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), list(ref_inputs.values()))
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = selective_scan(**inputs, delta_softplus=True, kernel=True)
+            grads = torch.autograd.grad((y * w.float()).sum(), list(inputs.values()))
+            torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+            for k, g, g_ref in zip(inputs, grads, grads_ref):
+                torch.testing.assert_close(g.double(), g_ref, atol=1e-5, rtol=1e-5,
+                                           msg=lambda m, k=k: f"grad {k}: {m}")
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def test_scan_kernel_off_or_unbuildable_falls_back_to_pytorch_with_one_warning(monkeypatch, tmp_path, caplog):
+    inputs = _scan_inputs(dtype=torch.float32)
+    ref = _run(selective_scan, inputs, kernel=False)
+    monkeypatch.setenv("GESTURE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that always fails
+    scan_kernel.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=scan_kernel.__name__):
+            assert scan_kernel.load() is None and scan_kernel.load() is None
+            fallback = _run(selective_scan, inputs)
+        assert sum("could not build" in r.getMessage() for r in caplog.records) == 1
+        _assert_scan_close(fallback, ref, atol=0, rtol=0)  # the PyTorch scan itself
+        with pytest.raises(RuntimeError, match="C kernel"):
+            selective_scan(**inputs, kernel=True)
+        monkeypatch.setenv("GESTURE_SCAN_KERNEL", "0")
+        scan_kernel.load.cache_clear()
+        assert scan_kernel.load() is None
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        scan_kernel.load.cache_clear()
+
+
+def test_scan_kernel_is_not_used_for_float64():
+    assert not scan_kernel.applies(torch.zeros(2, dtype=torch.float64))
+
+
 def test_scan_rejects_mismatched_shapes_by_name():
     inputs = _scan_inputs()
     inputs["B"] = inputs["B"][:, :, :-1]
@@ -95,10 +155,11 @@ def test_scan_rejects_mismatched_shapes_by_name():
         selective_scan(**inputs)
 
 
-def test_scan_does_not_write_into_its_inputs():
+@pytest.mark.parametrize("kernel", BACKENDS)
+def test_scan_does_not_write_into_its_inputs(kernel):
     inputs = _scan_inputs(dtype=torch.float32)
     before = {k: v.detach().clone() for k, v in inputs.items()}
-    _run(selective_scan, inputs, chunk=4)
+    _run(selective_scan, inputs, chunk=4, kernel=kernel)
     for k, v in inputs.items():
         assert torch.equal(v.detach(), before[k]), k
 

@@ -1,8 +1,9 @@
 """Mamba-1 block for the gesture generator: mamba_ssm's CUDA kernels when they import, else pure PyTorch.
 
 Both paths share parameter names and shapes (``in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj``), so
-a checkpoint moves between them unchanged. The pure-PyTorch selective scan is chunked with a hand-written
-backward (fast on CPU) and carries state, for streaming generation. No norm or residual: the caller adds them.
+a checkpoint moves between them unchanged. Without mamba_ssm the selective scan is, for fp32 on CPU, a small C
+kernel compiled on the machine at first use (``scan_kernel``), else a chunked PyTorch scan with a hand-written
+backward; both carry state, for streaming generation. No norm or residual: the caller adds them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from common.shapes import expect_shape
+from gesture.models import scan_kernel
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +116,22 @@ class _SelectiveScanFn(torch.autograd.Function):
     """Core scan without D, z, softplus, channel-last: u, delta [b, l, d], A [d, n], B, C [b, l, n],
     h0 [b, d, n] | None -> y [b, l, d], last state [b, d, n].
 
-    Works time-major ``[l, b, n, d]`` in chunks of ``chunk`` steps with preallocated workspaces. The forward
+    With ``kernel`` the C kernel runs it (``scan_kernel``). Otherwise it works time-major ``[l, b, n, d]`` in
+    chunks of ``chunk`` steps with preallocated workspaces. The forward
     saves only the states at chunk boundaries; the backward recomputes each chunk's states (as mamba_ssm does)
     and runs the reverse recurrence ``G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1}`` for dL/dh_t.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, chunk):
+    def forward(ctx, u, delta, A, B, C, h0, chunk, kernel):
+        ctx.kernel = kernel
+        if ctx.kernel:  # the C kernel: same recurrence, one pass per (batch row, channel block)
+            args = (u.contiguous(), delta.contiguous(), A.t().contiguous(), B.contiguous(), C.contiguous(),
+                    None if h0 is None else h0.transpose(1, 2).contiguous())
+            y, h_last = scan_kernel.forward(*args)
+            ctx.save_for_backward(*args)
+            ctx.set_materialize_grads(False)
+            return y, h_last.transpose(1, 2).contiguous()
         b, length, d = u.shape
         n = A.shape[1]
         dt = delta.transpose(0, 1).contiguous()  # [l, b, d]
@@ -152,6 +163,12 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, gh_last):
+        if ctx.kernel:
+            u, dt, At, B, C, h0 = ctx.saved_tensors
+            gy = torch.zeros_like(u) if gy is None else gy.contiguous()
+            gh = None if gh_last is None else gh_last.transpose(1, 2).contiguous()
+            gu, gdt, gAt, gB, gC, gh0 = scan_kernel.backward(u, dt, At, B, C, h0, gy, gh, ctx.needs_input_grad[5])
+            return gu, gdt, gAt.t(), gB, gC, None if gh0 is None else gh0.transpose(1, 2), None, None
         dt, ut, du, Bt, Ct, At, A2t, bounds = ctx.saved_tensors
         chunk = ctx.chunk
         length, b, d = dt.shape
@@ -190,10 +207,10 @@ class _SelectiveScanFn(torch.autograd.Function):
             gAt.add_(torch.mul(p, dt[s:e, :, None, :], out=tp).sum(dim=(0, 1)))
         gh0 = (decay_next * g_next).transpose(1, 2) if ctx.needs_input_grad[5] else None
         return (gu.transpose(0, 1), gdelta.transpose(0, 1), gAt.t(), gB.transpose(0, 1), gC.transpose(0, 1),
-                gh0, None)
+                gh0, None, None)
 
 
-def _selective_scan_bld(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk):
+def _selective_scan_bld(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk, kernel=None):
     """Channel-last scan: u, delta, z [b, l, d]; B, C [b, l, n] -> y [b, l, d], last state [b, d, n]."""
     b, length, d = u.shape
     n = A.shape[1]
@@ -208,7 +225,12 @@ def _selective_scan_bld(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     if delta_softplus:
         delta_c = F.softplus(delta_c)
     h0 = None if initial_state is None else initial_state.to(ct)
-    y, last_state = _SelectiveScanFn.apply(u_c, delta_c, A.to(ct), B.to(ct), C.to(ct), h0, chunk)
+    A_c, B_c, C_c = A.to(ct), B.to(ct), C.to(ct)
+    use_kernel = scan_kernel.applies(u_c, delta_c, A_c, B_c, C_c, h0) if kernel is None else kernel
+    if use_kernel and not scan_kernel.applies(u_c, delta_c, A_c, B_c, C_c, h0):
+        raise RuntimeError("selective_scan(kernel=True): the C kernel takes fp32 CPU tensors and needs a C "
+                           "compiler (see gesture.models.scan_kernel)")
+    y, last_state = _SelectiveScanFn.apply(u_c, delta_c, A_c, B_c, C_c, h0, chunk, use_kernel)
     if D is not None:
         y = y + u_c * D.to(ct)
     if z is not None:
@@ -217,7 +239,8 @@ def _selective_scan_bld(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False, chunk: int | None = None):
+                   initial_state=None, return_last_state=False, chunk: int | None = None,
+                   kernel: bool | None = None):
     """Chunked selective scan with a hand-written backward; the contract of mamba_ssm's ``selective_scan_fn``.
 
     u, delta [b, d, l]; A [d, n] (negative reals); B, C [b, n, l] (input-dependent); D [d] | None;
@@ -228,11 +251,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     that order, as in mamba_ssm). ``y = (scan + D * u) * silu(z)``. Computes in float32 (float64 if any input
     is).
     ``chunk`` is the number of time steps per workspace block; ``None`` picks one from the sizes and device.
+    ``kernel``: use the compiled C scan (``gesture.models.scan_kernel``; fp32 on CPU); ``None``: whenever it
+    applies, ``False``: the chunked PyTorch scan, ``True``: the kernel or an error.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     y, last_state = _selective_scan_bld(
         u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
-        None if z is None else z.transpose(1, 2), delta_bias, delta_softplus, initial_state, chunk,
+        None if z is None else z.transpose(1, 2), delta_bias, delta_softplus, initial_state, chunk, kernel,
     )
     y = y.transpose(1, 2)
     return (y, last_state) if return_last_state else y
@@ -281,7 +306,7 @@ def _mamba_forward(m: nn.Module, x: torch.Tensor, state: MambaState | None, retu
     y, ssm_state = _selective_scan_bld(
         x_c, F.linear(dt, m.dt_proj.weight), -torch.exp(m.A_log.float()), B, C, m.D.float(), z,
         delta_bias=m.dt_proj.bias.float(), delta_softplus=True,
-        initial_state=None if state is None else state[1], chunk=chunk,
+        initial_state=None if state is None else state[1], chunk=chunk, kernel=getattr(m, "scan_kernel", None),
     )
     out = m.out_proj(y)  # [b, l, d_model]
     if not return_state:
@@ -315,19 +340,20 @@ class MambaBlock(nn.Module):
 
     Args mirror ``mamba_ssm.Mamba``: d_inner = expand * d_model, dt_rank "auto" = ceil(d_model / 16);
     dt_proj's bias is initialised so that softplus(bias) is log-uniform in [dt_min, dt_max];
-    A = -exp(A_log) starts at -[1..d_state]. ``chunk``: time steps per block of the fast scan (None: chosen
-    from the sizes).
+    A = -exp(A_log) starts at -[1..d_state]. ``chunk``: time steps per block of the PyTorch scan (None: chosen
+    from the sizes). ``scan_kernel``: the C scan kernel whenever it applies (None), never (False) or always
+    (True: an error where it cannot run); see :func:`selective_scan`.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None, scan_kernel: bool | None = None) -> None:
         super().__init__()
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.chunk = chunk
+        self.chunk, self.scan_kernel = chunk, scan_kernel
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
@@ -420,5 +446,6 @@ def make_mamba(d_model: int, prefer_cuda_kernel: bool = True, **kw) -> nn.Module
             module = cls(d_model, **kw)
             module.chunk = chunk
             return module
-    _log_path_once("pure", "Mamba: using the pure-PyTorch block (chunked scan)")
+    _log_path_once("pure", "Mamba: using the pure-PyTorch block (the C scan kernel for fp32 on CPU where it "
+                           "builds, else the chunked PyTorch scan)")
     return MambaBlock(d_model, **kw)
