@@ -278,12 +278,16 @@ class MambaTalkModule(L.LightningModule):
     def _make_metrics(self, **kw: Any) -> GestureMetrics:
         return GestureMetrics(encoder_ckpt=self.hparams.fgd_encoder, **kw)
 
-    def setup(self, stage: str) -> None:
+    def _resolve_data_info(self) -> DataInfo:
         if self.data_info is None:
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if dm is None or not hasattr(dm, "cache"):
-                raise RuntimeError("MambaTalkModule needs data_info or a GestureDataModule on the trainer")
+                raise RuntimeError("configure_model: MambaTalkModule needs data_info or a GestureDataModule on the "
+                                   "trainer (its setup runs before the model's)")
             self.data_info = DataInfo.from_datamodule(dm)
+        return self.data_info
+
+    def setup(self, stage: str) -> None:
         self.configure_model()
         ckpt = self.hparams.fgd_encoder
         if ckpt is not None and self.val_metrics.encoder(POSE_DIM) is None and self._trainer is not None:
@@ -296,12 +300,11 @@ class MambaTalkModule(L.LightningModule):
                                 "train the encoder with `make train-fgd` to get FGD", ckpt)
 
     def configure_model(self) -> None:
-        """Build the generator from the data sizes (idempotent)."""
+        """Build the generator from the data sizes (idempotent). Callbacks may call it before ``setup`` (Lightning's
+        weight averaging copies the model in its own ``setup``); the datamodule is set up by then."""
         if self.model is not None:
             return
-        if self.data_info is None:
-            raise RuntimeError("configure_model: data_info is not known yet (call setup or pass data_info)")
-        info = self.data_info
+        info = self._resolve_data_info()
         if len(info.mean) != POSE_DIM or len(info.std) != POSE_DIM:
             raise ValueError(f"data_info: mean/std must have {POSE_DIM} values")
         generator = self.generator_factory(

@@ -402,6 +402,33 @@ def test_too_many_nonfinite_losses_in_a_row_raise():
         _fit(module, [window_batch(i, nan_audio=True) for i in range(6)])
 
 
+def test_weight_averaging_callback_builds_the_model_from_the_datamodule_before_setup(monkeypatch, tmp_path):
+    # Lightning's weight averaging calls configure_model in its own setup, before the module's setup: the sizes
+    # must come from the (already set up) datamodule there too, and the average must then follow the training.
+    from common.callbacks import EMA
+
+    data = [window_batch(i) for i in range(4)]
+
+    class WindowData(L.LightningDataModule):
+        cache = "in memory"
+
+        def train_dataloader(self):
+            return DataLoader(data, batch_size=2)
+
+    seen = []
+    monkeypatch.setattr(DataInfo, "from_datamodule", classmethod(lambda cls, dm: seen.append(dm) or tiny_info()))
+    module = MambaTalkModule(functools.partial(MambaTalk, **TINY_GEN), tiny_vqvaes(),
+                             functools.partial(torch.optim.Adam, lr=1e-3), fgd_encoder=None, pose_length=16)
+    assert module.model is None
+    dm = WindowData()
+    ema = EMA(decay=0.5, update_starting_at_step=1)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[ema])
+    trainer.fit(module, datamodule=dm)
+    assert seen == [dm] and module.data_info is not None
+    assert int(ema._average_model.n_averaged) > 0
+
+
 def test_validation_logs_the_first_windows_parameter_view_on_rank_zero(monkeypatch):
     logged = []
     monkeypatch.setattr("gesture.module.log_image",
