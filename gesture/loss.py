@@ -15,13 +15,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.shapes import assert_same_shape, expect_shape
-from gesture.layout import GLOBAL_ROT_DIM, PARTS, VQ_PARTS
+from gesture.layout import GLOBAL_ROT_DIM, HAND_PCA_DIM, PARTS, POSE_DIM, VQ_PARTS
 from gesture.models.mambatalk import GeneratorOutput
 
 ALL_PARTS = (*VQ_PARTS, "global")
 # Channels of each part's slice that velocity / acceleration terms compare. Global: the rotation only; foot contact
 # is a 0/1 label whose steps are not motion (gesture.metrics measures the global velocity ratio the same way).
 MOTION_CHANNELS = {p: slice(None) for p in VQ_PARTS} | {"global": slice(0, GLOBAL_ROT_DIM)}
+# Speed groups of the ``profile`` term, channel slices of each part's motion channels: beat consistency's groups
+# (the body; the left and the right hand, gesture.metrics.BC_PARAM_GROUPS), the whole face, the global rotation.
+SPEED_GROUPS: dict[str, tuple[slice, ...]] = {
+    "body": (slice(None),),
+    "hand": (slice(0, HAND_PCA_DIM), slice(HAND_PCA_DIM, 2 * HAND_PCA_DIM)),
+    "face": (slice(None),),
+    "global": (slice(None),),
+}
 
 
 @dataclass
@@ -47,6 +55,12 @@ def _weights(given: Mapping[str, float] | None, parts: Iterable[str], name: str)
 def velocity(x: torch.Tensor) -> torch.Tensor:
     """First difference over time: ``[b, t, d] -> [b, t - 1, d]``."""
     return x[:, 1:] - x[:, :-1]
+
+
+def group_speed(v: torch.Tensor, groups: Iterable[slice], eps: float = 1e-12) -> torch.Tensor:
+    """Speed per channel group: velocities ``v [b, t, d]`` -> ``[b, t, G]`` Euclidean norms over each group's
+    channels (``sqrt(sum v^2 + eps)``: differentiable at rest)."""
+    return torch.stack([(v[..., g].square().sum(dim=-1) + eps).sqrt() for g in groups], dim=-1)
 
 
 def acceleration(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +98,7 @@ class MambaTalkLoss(nn.Module):
         acc: Mapping[str, float] | None = None,
         speed: Mapping[str, float] | None = None,
         contact: float = 1.0,
+        profile: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.latent_w = _weights(latent if latent is not None else dict.fromkeys(ALL_PARTS, 3.0), ALL_PARTS,
@@ -94,6 +109,10 @@ class MambaTalkLoss(nn.Module):
         self.vel_w = _weights(vel if vel is not None else {"global": 2.0, "body": 0.5, "hand": 1.0}, ALL_PARTS, "vel")
         self.acc_w = _weights(acc, ALL_PARTS, "acc")
         self.speed_w = _weights(speed, ALL_PARTS, "speed")
+        self.profile_w = _weights(profile, ALL_PARTS, "profile")
+        # Raw units per normalised channel (the training std, set by the module from its data): speeds as the
+        # metrics measure them. Ones = normalised units.
+        self.register_buffer("channel_scale", torch.ones(POSE_DIM), persistent=False)
         if contact < 0:
             raise ValueError(f"contact weight must be >= 0, got {contact}")
         self.contact_w = float(contact)
@@ -101,7 +120,15 @@ class MambaTalkLoss(nn.Module):
     @property
     def decoded_parts(self) -> tuple[str, ...]:
         """Parts whose decoded motion the velocity / acceleration terms need."""
-        return tuple(p for p in ALL_PARTS if self.vel_w[p] > 0 or self.acc_w[p] > 0 or self.speed_w[p] > 0)
+        return tuple(p for p in ALL_PARTS
+                     if self.vel_w[p] > 0 or self.acc_w[p] > 0 or self.speed_w[p] > 0 or self.profile_w[p] > 0)
+
+    def set_channel_scale(self, scale: torch.Tensor) -> None:
+        """Raw units per normalised channel ``[320]`` (the training std) for the ``profile`` term."""
+        expect_shape(scale, (POSE_DIM,), "channel_scale")
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError("channel_scale must be finite and >= 0")
+        self.channel_scale = scale.detach().to(self.channel_scale).clone()
 
     def without_parts(self, parts: Iterable[str]) -> MambaTalkLoss:
         """A copy with every weight of ``parts`` set to 0 (e.g. a zero-variance face)."""
@@ -110,8 +137,11 @@ class MambaTalkLoss(nn.Module):
         def keep(w: dict[str, float]) -> dict[str, float]:
             return {p: (0.0 if p in drop else v) for p, v in w.items()}
 
-        return MambaTalkLoss(keep(self.latent_w), keep(self.cls_w), self.smoothing, keep(self.vel_w),
-                             keep(self.acc_w), keep(self.speed_w), 0.0 if "global" in drop else self.contact_w)
+        copy = MambaTalkLoss(keep(self.latent_w), keep(self.cls_w), self.smoothing, keep(self.vel_w),
+                             keep(self.acc_w), keep(self.speed_w), 0.0 if "global" in drop else self.contact_w,
+                             keep(self.profile_w))
+        copy.set_channel_scale(self.channel_scale)
+        return copy
 
     def forward(self, out: GeneratorOutput, target: LossTargets, decoded: Mapping[str, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor]:
@@ -168,6 +198,12 @@ class MambaTalkLoss(nn.Module):
                 if self.speed_w[p] > 0:
                     s_pred, s_gt = v_pred.abs().mean(dim=(1, 2)), v_gt.abs().mean(dim=(1, 2))  # [b] each
                     add(f"speed/{p}", self.speed_w[p], F.l1_loss(s_pred, s_gt))
+                if self.profile_w[p] > 0:
+                    scale = self.channel_scale.to(v_pred)[PARTS[p]][ch]
+                    c_pred = group_speed(v_pred * scale, SPEED_GROUPS[p])  # [b, t - 1, G]
+                    c_gt = group_speed(v_gt * scale, SPEED_GROUPS[p])
+                    norm = c_gt.mean(dim=1, keepdim=True).clamp_min(1e-6)  # [b, 1, G], no gradient (gt)
+                    add(f"profile/{p}", self.profile_w[p], F.l1_loss(c_pred / norm, c_gt / norm))
         expect_shape(total, (), "loss")
         terms["loss"] = total
         return terms

@@ -323,6 +323,7 @@ class MambaTalkModule(L.LightningModule):
             log.warning("parts %s have zero variance in the training data: their loss terms are switched off",
                         skipped)
             self.loss = self.loss.without_parts(skipped)
+        self.loss.set_channel_scale(std)
 
     def denormalise(self, motion: torch.Tensor) -> torch.Tensor:
         """Normalised ``[..., 320]`` -> raw layout vector (new tensor)."""

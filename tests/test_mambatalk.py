@@ -310,6 +310,46 @@ def test_speed_term_asks_for_the_amount_of_motion_not_its_timing():
         MambaTalkLoss(speed={"feet": 1.0})
 
 
+def test_profile_term_asks_for_the_speed_curve_not_the_direction():
+    out, tgt = _targets()
+    gt = {p: tgt.motion[..., PARTS[p]] for p in ("body", "hand")}
+    loss = MambaTalkLoss(vel={}, profile={"body": 1.0, "hand": 0.5})
+    scale = 0.5 + torch.rand(POSE_DIM, generator=torch.Generator().manual_seed(1))
+    loss.set_channel_scale(scale)
+    assert loss.decoded_parts == ("body", "hand")
+    mirrored = {p: 2 * v[:, :1] - v for p, v in gt.items()}  # every move in the opposite direction, same speeds
+    terms = loss(out, tgt, mirrored)
+    assert float(terms["profile/body"]) < 1e-6 and float(terms["profile/hand"]) < 1e-6
+    assert float(MambaTalkLoss()(out, tgt, {**mirrored, "global": tgt.motion[..., PARTS["global"]]})["vel/body"]) > 0.1
+    # numpy reference on another prediction: raw-unit speeds of BC's groups over the gt's mean speed per sample
+    g = torch.Generator().manual_seed(2)
+    pred = {p: v + 0.3 * torch.randn(v.shape, generator=g) for p, v in gt.items()}
+    terms = loss(out, tgt, pred)
+    n = lambda x: x.detach().double().numpy()  # noqa: E731
+    for p, groups in (("body", [slice(None)]), ("hand", [slice(0, 54), slice(54, 108)])):
+        s = n(scale)[PARTS[p]]
+        errs = []
+        for grp in groups:
+            sp = np.linalg.norm((np.diff(n(pred[p]), axis=1) * s)[..., grp], axis=-1)  # [b, t - 1]
+            sg = np.linalg.norm((np.diff(n(gt[p]), axis=1) * s)[..., grp], axis=-1)
+            errs.append(np.abs(sp - sg) / sg.mean(axis=1, keepdims=True))
+        assert float(terms[f"profile/{p}"]) == pytest.approx(np.mean(errs), rel=1e-4), p
+    # the loss copy without a part keeps the raw scale
+    assert torch.equal(loss.without_parts(["face"]).channel_scale, scale)
+    with pytest.raises(ValueError, match="channel_scale"):
+        loss.set_channel_scale(torch.full((POSE_DIM,), float("nan")))
+
+
+def test_module_gives_the_loss_the_training_std():
+    info = tiny_info()
+    std = [0.5 + 0.01 * i for i in range(POSE_DIM)]
+    module = MambaTalkModule(functools.partial(MambaTalk, **TINY_GEN), tiny_vqvaes(),
+                             functools.partial(torch.optim.Adam, lr=1e-3), fgd_encoder=None, pose_length=16,
+                             data_info=DataInfo(**{**info.to_dict(), "std": std}))
+    module.configure_model()
+    torch.testing.assert_close(module.loss.channel_scale, torch.tensor(std))
+
+
 def test_loss_never_broadcasts():
     out, tgt = _targets()
     short = LossTargets(motion=tgt.motion, latents={**tgt.latents, "body": tgt.latents["body"][:, :1]},
