@@ -15,18 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.shapes import assert_same_shape, expect_shape
-from gesture.layout import GLOBAL_ROT_DIM, HAND_PCA_DIM, PARTS, POSE_DIM, VQ_PARTS
+from gesture.layout import GLOBAL_ROT_DIM, PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS
 from gesture.models.mambatalk import GeneratorOutput
 
 ALL_PARTS = (*VQ_PARTS, "global")
 # Channels of each part's slice that velocity / acceleration terms compare. Global: the rotation only; foot contact
 # is a 0/1 label whose steps are not motion (gesture.metrics measures the global velocity ratio the same way).
 MOTION_CHANNELS = {p: slice(None) for p in VQ_PARTS} | {"global": slice(0, GLOBAL_ROT_DIM)}
+
+
+def _within(part: str, sub: str) -> slice:
+    """``layout.SUB_SLICES[sub]`` as channels of ``part``'s slice."""
+    offset = PARTS[part].start
+    return slice(SUB_SLICES[sub].start - offset, SUB_SLICES[sub].stop - offset)
+
+
 # Speed groups of the ``profile`` term, channel slices of each part's motion channels: beat consistency's groups
 # (the body; the left and the right hand, gesture.metrics.BC_PARAM_GROUPS), the whole face, the global rotation.
 SPEED_GROUPS: dict[str, tuple[slice, ...]] = {
     "body": (slice(None),),
-    "hand": (slice(0, HAND_PCA_DIM), slice(HAND_PCA_DIM, 2 * HAND_PCA_DIM)),
+    "hand": (_within("hand", "hand_left"), _within("hand", "hand_right")),
     "face": (slice(None),),
     "global": (slice(None),),
 }
