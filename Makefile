@@ -11,17 +11,40 @@ RUN_ARG := $(if $(RUN),run_name=$(RUN),)
 TRAIN := $(PY) -m common.train
 
 # (gesture-prereqs is internal)
-.PHONY: gesture-prereqs install test test-full lint train-stage1 train-stage2 train-toy eval-hand data-hand demo-tracker \
+.PHONY: gesture-prereqs install lock test test-full lint train-stage1 train-stage2 train-toy eval-hand data-hand demo-tracker \
         data-gesture cache-gesture train-vqvae train-fgd train-mambatalk infer-mambatalk render-gesture bench \
         bench-hand bench-mamba bench-gesture clean
 
-$(STAMP): pyproject.toml
+# Installs from the lock (requirements.lock, a pip constraints file of the exact versions the suite passed
+# with; pip and setuptools included). The project's own build runs without build isolation, so its
+# setuptools is the locked one too. `make lock` refreshes the lock against the newest releases.
+LOCK := requirements.lock
+PIP := $(PY) -m pip --disable-pip-version-check
+
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PIP) install --quiet -c $(LOCK) pip setuptools
+	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Rebuild .venv from the newest releases the registries serve (no constraints), run the suite on them, and
+# only when it passes write their exact versions to $(LOCK). On a failure the old lock stays and the next
+# target reinstalls from it.
+lock:
+	rm -rf $(VENV)
+	$(PY_BOOT) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools
+	$(PIP) install --quiet --upgrade --no-build-isolation -e ".[dev]"
+	$(PY) -m pytest -q || { echo "make lock: the suite fails on the newest releases; $(LOCK) unchanged"; \
+	  rm -f $(STAMP); exit 1; }
+	@{ echo "# Exact versions \`make test\` passed with; written by \`make lock\` on $$(date -u +%Y-%m-%d)"; \
+	   echo "# ($$($(PY) -c 'import platform; print(platform.python_implementation(), platform.python_version(), platform.machine())'))."; \
+	   echo "# Used as pip constraints by \`make install\`: it pins what pyproject.toml asks for, it adds nothing."; \
+	   $(PIP) freeze --all --exclude-editable; } > $(LOCK)
+	@touch $(STAMP)
+	@echo "wrote $(LOCK)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
