@@ -69,15 +69,20 @@ data-hand: $(STAMP)
 train-stage1: $(STAMP)
 	$(TRAIN) experiment=stage1 $(RUN_ARG) $(ARGS)
 
+STAGE1_CKPT := outputs/stage1/stage1/checkpoints/last.ckpt
+
 train-stage2: $(STAMP)
 	@test -f $(STAGE1_DONE) || $(MAKE) --no-print-directory train-stage1 RUN= ARGS=test_after_fit=false
 	$(TRAIN) experiment=stage2 test_after_fit=false $(RUN_ARG) $(ARGS)
-	$(PY) -m handpose.evaluate --ckpt outputs/stage2/$(or $(RUN),stage2)/checkpoints/last.ckpt --split val
+	$(PY) -m handpose.evaluate --ckpt outputs/stage2/$(or $(RUN),stage2)/checkpoints/last.ckpt --split val \
+	  --compare-stage1 $(STAGE1_CKPT) --no-progress
 
 HAND_CKPT ?= outputs/stage2/stage2/checkpoints/last.ckpt
 
+# Any checkpoint on any split; a Stage 2 checkpoint is compared with Stage 1 on the same frames (STAGE1=none: not).
 eval-hand: $(STAMP)
-	$(PY) -m handpose.evaluate --ckpt $(or $(CKPT),$(HAND_CKPT)) --split $(or $(SPLIT),test) $(ARGS)
+	$(PY) -m handpose.evaluate --ckpt $(or $(CKPT),$(HAND_CKPT)) --split $(or $(SPLIT),test) \
+	  $(if $(filter none,$(STAGE1)),,$(if $(or $(STAGE1),$(if $(CKPT),,1)),--compare-stage1 $(or $(STAGE1),$(STAGE1_CKPT)),)) $(ARGS)
 
 demo-tracker: $(STAMP)
 	$(PY) -m handpose.demo --ckpt $(or $(CKPT),$(HAND_CKPT)) --out $(or $(OUT),outputs/demo_tracker.mp4) $(ARGS)

@@ -63,7 +63,7 @@ def all_frames_loss(lit: HandPoseLit, pred: HandPrediction, batch: dict) -> dict
     flat_pred = HandPrediction(ManoParams(*(rearrange(x, "b t d -> (b t) 1 d") for x in pred_all.mano)),
                                tuple(rearrange(h, "b t n -> (b t) 1 n") for h in pred_all.log_heatmaps))
     flat_batch = {k: rearrange(v, "b t ... -> (b t) 1 ...") for k, v in batch.items()}
-    return lit.loss(flat_pred, flat_batch, lit.net.trans_bin_centers)
+    return lit.loss(flat_pred, flat_batch, lit.net.translation)
 
 
 def train_step(lit: HandPoseLit, batch: dict, all_frames: bool = False) -> Callable[[], None]:
@@ -75,7 +75,7 @@ def train_step(lit: HandPoseLit, batch: dict, all_frames: bool = False) -> Calla
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
         pred = lit(batch)
-        out = all_frames_loss(lit, pred, batch) if all_frames else lit.loss(pred, batch, lit.net.trans_bin_centers)
+        out = all_frames_loss(lit, pred, batch) if all_frames else lit.loss(pred, batch, lit.net.translation)
         out["loss"].backward()
         optimizer.step()
 
@@ -93,7 +93,7 @@ def loss_step(lit: HandPoseLit, batch: dict, all_frames: bool = False) -> Callab
         for leaf in (*mano, *heatmaps):
             leaf.grad = None
         leaves = HandPrediction(ManoParams(*mano), tuple(heatmaps))
-        out = all_frames_loss(lit, leaves, batch) if all_frames else lit.loss(leaves, batch, lit.net.trans_bin_centers)
+        out = all_frames_loss(lit, leaves, batch) if all_frames else lit.loss(leaves, batch, lit.net.translation)
         out["loss"].backward()
 
     return run
@@ -149,7 +149,7 @@ class RecomputeTracker(HandTracker):
                   for k in ("img", "bbox", "focal", "princpt")}
         tokens = self.net.encode_frames(window["img"], window["bbox"], window["focal"], window["princpt"])
         self.tokens = deque(tokens[0], maxlen=self.num_frame)
-        pred = self.net.refine_and_decode(tokens, self.window_timestamps())
+        pred = self.net.refine_and_decode(tokens, self.window_timestamps(), window["focal"], window["princpt"])
         return self._result(pred, side, float(timestamp), focal, princpt)
 
 

@@ -23,7 +23,7 @@ from common.mano import JOINT_NAMES_21
 from handpose.data.dataset import denormalise
 from handpose.loss import HandPoseLoss
 from handpose.metrics import HandPoseMetrics, mean_mano_params
-from handpose.model import HandPrediction, PoseNet
+from handpose.model import HandPrediction, HeatmapKeypointHead, PoseNet
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ class HandPoseLit(L.LightningModule):
         mean_init_batches: without ``stage1_weight``, the decoder's residual origin is set to the mean MANO
             pose and shape of this many training batches when fitting starts (0 = MANO's mean hand).
         num_vis: crops in the validation image grid.
+        lift_batch: with the decoder's joint MLP, every training step also trains it and the pose head on this
+            many annotations of the training split without images (GT 2D joints + Gaussian noise of
+            ``lift_noise`` crop sides -> pose; the ``pose`` and ``joints`` terms, weighted by ``lift_weight``).
+            2D -> 3D lifting needs far more samples than the image path can afford on a CPU, and costs no
+            convolution. 0 = off.
     """
 
     def __init__(
@@ -104,6 +109,9 @@ class HandPoseLit(L.LightningModule):
         stage1_weight: str | None = None,
         mean_init_batches: int = 0,
         num_vis: int = 8,
+        lift_batch: int = 0,
+        lift_noise: float = 0.04,
+        lift_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
@@ -141,20 +149,51 @@ class HandPoseLit(L.LightningModule):
         )
 
     def _loss(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        inputs = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
         if self.net.keypoint_head is None:
-            return self.loss(self(batch), batch, self.net.trans_bin_centers)
-        pred, keypoints = self.net.predict_with_keypoints(
-            batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
-        return self.loss(pred, batch, self.net.trans_bin_centers, keypoints_2d=keypoints)
+            return self.loss(self(batch), batch, self.net.translation)
+        if self.loss.weights["heatmap_2d"]:
+            pred, keypoints, log_heatmaps = self.net.predict_with_heatmaps(*inputs)
+            return self.loss(pred, batch, self.net.translation, keypoints_2d=keypoints,
+                             keypoint_heatmaps=(log_heatmaps, self.net.keypoint_head.cell_centres))
+        pred, keypoints = self.net.predict_with_keypoints(*inputs)
+        return self.loss(pred, batch, self.net.translation, keypoints_2d=keypoints)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)
         b = batch["img"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=b)
+        loss = out["loss"]
+        lift = self._lift_terms()
+        if lift:
+            loss = loss + self.hparams.lift_weight * sum(self.loss.weights[k] * v for k, v in lift.items())
+            self.log_dict({f"train/lift_{name}": value for name, value in lift.items()}, batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log_dict({f"train/{name}": value for name, value in out["terms"].items()}, batch_size=b)
-        return out["loss"]
+        return loss
 
-    def _eval_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, split: str, metrics: HandPoseMetrics):
+    def _lift_terms(self) -> dict[str, torch.Tensor]:
+        """The lifting batch's pose / joints terms (see ``lift_batch``), or {} when it is off."""
+        n = self.hparams.lift_batch
+        if not n or not self.net.decoder.joint_mlp:
+            return {}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
+        if not hasattr(dataset, "sample_annotations"):
+            if not getattr(self, "_warned_lift", False):
+                log.warning("lift_batch=%d but the trainer has no hand datamodule with a train split: no lift batch", n)
+                self._warned_lift = True
+            return {}
+        ann = {k: torch.from_numpy(v).to(self.device) for k, v in dataset.sample_annotations(n).items()}
+        positions = HeatmapKeypointHead.relative_positions(ann["joints_2d"], self.net.img_size)
+        noisy = positions + self.hparams.lift_noise * torch.randn_like(positions)
+        token = self.net.decoder.lift_token(noisy)
+        (pose, _, _), _ = self.net.decoder.decode_token(token, ann["focal"], ann["princpt"])
+        return self.loss.lift_terms(pose, ann)
+
+    def _eval_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, split: str,
+                   metrics: HandPoseMetrics) -> dict[str, torch.Tensor]:
+        """-> the last frame's camera-space joints / vertices, predicted and GT ([b, 1, ...], detached), for
+        callbacks that keep per-sample results (handpose.evaluate)."""
         out = self._loss(batch)
         b = batch["img"].shape[0]
         self.log(f"{split}/loss", out["loss"], sync_dist=True, batch_size=b)
@@ -165,6 +204,7 @@ class HandPoseLit(L.LightningModule):
             grid = draw_keypoint_grid(batch["img"][:, -1], batch["joints_2d"][:, -1], out["joints_2d_pred"][:, 0],
                                       self.hparams.num_vis)
             log_image(self, f"{split}/keypoints", grid, caption="red: GT, green: prediction (last frame)")
+        return {k: out[k].detach() for k in ("joints_cam_pred", "joints_cam_gt", "verts_cam_pred", "verts_cam_gt")}
 
     def _log_metrics(self, split: str, metrics: HandPoseMetrics) -> None:
         if int(metrics.num_samples) == 0 and self.trainer.world_size == 1:
@@ -173,14 +213,14 @@ class HandPoseLit(L.LightningModule):
             self.log_dict({f"{split}/{k}": v for k, v in metrics.compute().items()}, sync_dist=True)
         metrics.reset()
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val", self.val_metrics)
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, batch_idx, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
 
-    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test", self.test_metrics)
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, batch_idx, "test", self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)

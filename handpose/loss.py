@@ -14,11 +14,11 @@ from torch import nn
 from common.mano import JOINT_NAMES_21, ManoLayer
 from common.rotations import axis_angle_to_matrix
 from common.shapes import assert_same_shape, expect_shape
-from handpose.model.decoder import NUM_POSE_JOINTS, POSE_DIM, SHAPE_DIM, HandPrediction
+from handpose.model.decoder import NUM_POSE_JOINTS, POSE_DIM, SHAPE_DIM, HandPrediction, TranslationBins
 
-LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d", "keypoints_2d")
+LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d", "keypoints_2d", "heatmap_2d")
 DEFAULT_WEIGHTS = {"pose": 1.0, "shape": 0.1, "trans": 0.1, "joints": 10.0, "verts": 10.0, "joints_2d": 1.0,
-                   "keypoints_2d": 0.0}
+                   "keypoints_2d": 0.0, "heatmap_2d": 0.0}
 WRIST = JOINT_NAMES_21.index("wrist")
 # Hand scale for ``norm_by_hand``: length of the wrist -> middle-finger MCP bone.
 SCALE_BONE = (WRIST, JOINT_NAMES_21.index("middle_mcp"))
@@ -51,6 +51,28 @@ def bin_target(value: torch.Tensor, centers: torch.Tensor, sigma: float) -> torc
     return (1 - (index - pos).abs()).clamp(min=0)
 
 
+def heatmap_target(
+    joints_2d: torch.Tensor, centres: torch.Tensor, sigma: float, crop_wh: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """joints_2d [..., J, 2], centres [K, 2] (crop pixels) -> (target [..., J, K] (normalised Gaussians of
+    ``sigma`` cell widths), inside [..., J] (1 where the joint lies in the crop, else 0))."""
+    cell = (centres[1] - centres[0]).abs().max()  # cells are square and evenly spaced
+    d2 = ((joints_2d[..., None, :] - centres) ** 2).sum(dim=-1)  # [..., J, K]
+    target = torch.softmax(-0.5 * d2 / (sigma * cell) ** 2, dim=-1)
+    w, h = crop_wh
+    u, v = joints_2d[..., 0], joints_2d[..., 1]
+    inside = ((u >= -0.5) & (u <= w - 0.5) & (v >= -0.5) & (v <= h - 0.5)).to(joints_2d.dtype)
+    return target, inside
+
+
+def rotation_l1(pose_pred: torch.Tensor, pose_gt: torch.Tensor) -> torch.Tensor:
+    """pose [..., 48] axis-angle (predicted, GT) -> [...]: mean L1 between their rotation matrices."""
+    assert_same_shape(pose_pred, pose_gt, "pose_pred", "pose_gt")
+    rot_pred = axis_angle_to_matrix(pose_pred.unflatten(-1, (NUM_POSE_JOINTS, 3)))
+    rot_gt = axis_angle_to_matrix(pose_gt.unflatten(-1, (NUM_POSE_JOINTS, 3)))
+    return (rot_pred - rot_gt).abs().mean(dim=(-3, -2, -1))
+
+
 def masked_mean(per_sample: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """per_sample [b, 1], weight [b, 1] -> scalar weighted mean (0 when no sample has weight)."""
     assert_same_shape(per_sample, weight, "per-sample loss", "valid weight")
@@ -75,6 +97,7 @@ class HandPoseLoss(nn.Module):
             and ``joints_2d`` terms; camera-space outputs and metrics always use the full prediction.
         mano_model_path, flat_hand_mean: MANO model for forward kinematics; must match the data's convention
             (``None`` = the procedural hand).
+        heatmap_2d_sigma: width (in heatmap cells) of the Gaussian target of the ``heatmap_2d`` term.
     """
 
     def __init__(
@@ -86,6 +109,7 @@ class HandPoseLoss(nn.Module):
         gt_root_in_fk_terms: bool = False,
         mano_model_path: str | None = None,
         flat_hand_mean: bool = False,
+        heatmap_2d_sigma: float = 1.0,
     ) -> None:
         super().__init__()
         weights = dict(weights or {})
@@ -97,19 +121,26 @@ class HandPoseLoss(nn.Module):
         self.norm_by_hand = norm_by_hand
         self.detach_shape_in_fk = detach_shape_in_fk
         self.gt_root_in_fk_terms = gt_root_in_fk_terms
+        self.heatmap_2d_sigma = float(heatmap_2d_sigma)
         self.mano = ManoLayer(model_path=mano_model_path, side="right", flat_hand_mean=flat_hand_mean)
         with torch.no_grad():
             mean_hand = self.mano(torch.zeros(1, POSE_DIM), torch.zeros(1, SHAPE_DIM)).joints
         self.reference_scale = float(hand_scale(mean_hand, 1.0))
 
     def forward(
-        self, pred: HandPrediction, batch: Mapping[str, torch.Tensor], bin_centers: tuple[torch.Tensor, ...],
-        keypoints_2d: torch.Tensor | None = None,
+        self, pred: HandPrediction, batch: Mapping[str, torch.Tensor], translation: TranslationBins,
+        keypoints_2d: torch.Tensor | None = None, keypoint_heatmaps: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict:
         """pred (pose [b, 1, 48], shape [b, 1, 10], trans [b, 1, 3]), 3 x [b, 1, B]; batch [b, t, ...] -> dict.
 
+        ``translation``: the network's :class:`TranslationBins` (``PoseNet.translation``): bin centres and the
+        map from the ground truth to bin space (the classification target).
+
         ``keypoints_2d [b, 1, 21, 2]``: the auxiliary patch keypoints (crop pixels), required when the
         ``keypoints_2d`` weight is not 0 (L1 against ``joints_2d[:, -1:]``, normalised by the crop size).
+        ``keypoint_heatmaps``: (log-probabilities [b, 1, 21, K], cell centres [K, 2] crop pixels) of the heatmap
+        head, required when the ``heatmap_2d`` weight is not 0: cross-entropy against a Gaussian of
+        ``heatmap_2d_sigma`` cells around each GT joint that lies inside the crop.
 
         Returns ``loss`` (weighted total), ``terms`` (unweighted, by name) and last-frame tensors
         ``joints_cam_pred/gt [b, 1, 21, 3]``, ``verts_cam_pred/gt [b, 1, 778, 3]``, ``joints_2d_pred
@@ -126,9 +157,7 @@ class HandPoseLoss(nn.Module):
         assert_same_shape(trans_pred, last["mano_trans"], "trans_pred", "mano_trans[:, -1:]")
         terms: dict[str, torch.Tensor] = {}
 
-        rot_pred = axis_angle_to_matrix(pose_pred.unflatten(-1, (NUM_POSE_JOINTS, 3)))
-        rot_gt = axis_angle_to_matrix(last["mano_pose"].unflatten(-1, (NUM_POSE_JOINTS, 3)))
-        terms["pose"] = masked_mean((rot_pred - rot_gt).abs().mean(dim=(-3, -2, -1)), weight)
+        terms["pose"] = masked_mean(rotation_l1(pose_pred, last["mano_pose"]), weight)
         terms["shape"] = masked_mean((shape_pred - last["mano_shape"]).abs().mean(dim=-1), weight)
 
         # Forward kinematics of the last frame only ([b, 1] leading dims), without translation.
@@ -144,14 +173,17 @@ class HandPoseLoss(nn.Module):
         verts_cam_gt = fk_gt.vertices + last["mano_trans"][..., None, :]
 
         if self.norm_by_hand:
+            if translation.space != "camera":
+                raise ValueError("norm_by_hand needs trans_space 'camera' (crop space already has no metric scale)")
             trans_target = last["mano_trans"] / hand_scale(joints_cam_gt, self.reference_scale)[..., None]
             scale_pred = hand_scale(fk_pred.joints, self.reference_scale).detach()
             trans_pred_scaled = trans_pred * scale_pred[..., None]
         else:
-            trans_target = last["mano_trans"]
+            trans_target = translation.encode(last["mano_trans"], joints_cam_gt[..., WRIST, :], last["focal"],
+                                              last["princpt"])
             trans_pred_scaled = trans_pred
         trans_ce = []
-        for axis, (log_hm, centers) in enumerate(zip(log_heatmaps, bin_centers)):
+        for axis, (log_hm, centers) in enumerate(zip(log_heatmaps, translation.centers)):
             target = bin_target(trans_target[..., axis], centers.to(log_hm), self.heatmap_sigma)
             assert_same_shape(log_hm, target, f"log_heatmap[{axis}]", f"translation target[{axis}]")
             trans_ce.append(masked_mean(-(target * log_hm).sum(dim=-1), weight))
@@ -183,6 +215,20 @@ class HandPoseLoss(nn.Module):
                              "(PoseNet(aux_keypoints=True).predict_with_keypoints)")
         else:
             terms["keypoints_2d"] = torch.zeros((), dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
+        if keypoint_heatmaps is not None:
+            log_hm, centres = keypoint_heatmaps
+            expect_shape(log_hm, (b, 1, len(JOINT_NAMES_21), centres.shape[0]), "keypoint log-heatmaps")
+            target, inside = heatmap_target(last["joints_2d"], centres.to(log_hm), self.heatmap_2d_sigma,
+                                            (width, height))
+            assert_same_shape(log_hm, target, "keypoint log-heatmaps", "heatmap target")
+            per_joint = -(target * log_hm).sum(dim=-1) * inside  # [b, 1, 21]
+            per_sample = per_joint.sum(dim=-1) / inside.sum(dim=-1).clamp(min=1)
+            terms["heatmap_2d"] = masked_mean(per_sample, weight)
+        elif self.weights["heatmap_2d"]:
+            raise ValueError("loss weight heatmap_2d > 0 needs the heatmap head's output "
+                             "(PoseNet.predict_with_heatmaps, a CNN backbone with aux_keypoints=True)")
+        else:
+            terms["heatmap_2d"] = torch.zeros((), dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
 
         total = sum(self.weights[name] * terms[name] for name in LOSS_TERMS)
         return {
@@ -194,4 +240,23 @@ class HandPoseLoss(nn.Module):
             "joints_cam_gt": joints_cam_gt,
             "verts_cam_gt": verts_cam_gt,
             "joints_2d_pred": joints_2d_pred,
+        }
+
+    def lift_terms(self, pose_pred: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The ``pose`` and ``joints`` terms (same definitions as :meth:`forward`) for the lifting batch:
+        pose_pred [n, 48] from 2D joints alone; batch of annotations ``[n, ...]`` (mano_pose, mano_shape,
+        joints_cam, valid) -> {"pose", "joints"} (unweighted)."""
+        n = pose_pred.shape[0]
+        expect_shape(pose_pred, (n, POSE_DIM), "lift pose_pred")
+        weight = expect_shape(batch["valid"].to(pose_pred.dtype)[:, None], (n, 1), "valid")
+        pose_gt, shape_gt = batch["mano_pose"], batch["mano_shape"]
+        pose_fk = torch.cat([pose_gt[..., :3], pose_pred[..., 3:]], dim=-1) if self.gt_root_in_fk_terms else pose_pred
+        joints_pred = self.mano(pose_fk, shape_gt).joints
+        joints_rel_pred = joints_pred - joints_pred[..., WRIST : WRIST + 1, :]
+        joints_gt = batch["joints_cam"]
+        joints_rel_gt = joints_gt - joints_gt[..., WRIST : WRIST + 1, :]
+        assert_same_shape(joints_rel_pred, joints_rel_gt, "lift joints_pred", "joints_cam")
+        return {
+            "pose": masked_mean(rotation_l1(pose_pred, pose_gt)[:, None], weight),
+            "joints": masked_mean((joints_rel_pred - joints_rel_gt).abs().mean(dim=(-2, -1))[:, None], weight),
         }

@@ -48,13 +48,23 @@ def procrustes_align(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 def f_score(pred: torch.Tensor, gt: torch.Tensor, threshold: float) -> torch.Tensor:
     """pred [n, k, 3], gt [n, m, 3] -> [n]: harmonic mean of precision and recall of nearest-neighbour distances."""
+    return f_scores(pred, gt, (threshold,))[:, 0]
+
+
+def f_scores(pred: torch.Tensor, gt: torch.Tensor, thresholds: tuple[float, ...]) -> torch.Tensor:
+    """:func:`f_score` at several thresholds from one set of nearest-neighbour distances -> [n, len(thresholds)]."""
     scores = []
     for p, g in zip(pred.split(_NN_CHUNK), gt.split(_NN_CHUNK)):
         dist = torch.cdist(p.double(), g.double())  # [c, k, m]
-        precision = (dist.min(dim=2).values < threshold).double().mean(dim=1)
-        recall = (dist.min(dim=1).values < threshold).double().mean(dim=1)
-        denom = precision + recall
-        scores.append(torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(denom)))
+        to_gt, to_pred = dist.min(dim=2).values, dist.min(dim=1).values  # [c, k], [c, m]
+        per_threshold = []
+        for threshold in thresholds:
+            precision = (to_gt < threshold).double().mean(dim=1)
+            recall = (to_pred < threshold).double().mean(dim=1)
+            denom = precision + recall
+            per_threshold.append(torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12),
+                                             torch.zeros_like(denom)))
+        scores.append(torch.stack(per_threshold, dim=1))
     return torch.cat(scores)
 
 
@@ -99,8 +109,9 @@ class HandPoseMetrics(Metric):
         self.sum_pa_mpjpe += pa_joint_err.mean(dim=1).sum()
         self.sum_mpvpe += (vp_rel - vg_rel).norm(dim=-1).mean(dim=1).sum()
         self.sum_pa_mpvpe += (vp_pa - vg_rel).norm(dim=-1).mean(dim=1).sum()
-        self.sum_f5 += f_score(vp_pa, vg_rel, F_THRESHOLDS_M[0]).sum()
-        self.sum_f15 += f_score(vp_pa, vg_rel, F_THRESHOLDS_M[1]).sum()
+        f5, f15 = f_scores(vp_pa, vg_rel, F_THRESHOLDS_M).sum(dim=0)
+        self.sum_f5 += f5
+        self.sum_f15 += f15
         self.sum_root_err += (root_pred - root_gt).norm(dim=-1).sum()
         self.pck_hits += (pa_joint_err.flatten()[:, None] <= self.pck_thresholds).double().sum(dim=0)
         self.num_samples += n
@@ -163,4 +174,65 @@ def mean_pose_baseline(
             gt = mano(batch["mano_pose"][:, -1][valid], batch["mano_shape"][:, -1][valid],
                       batch["mano_trans"][:, -1][valid])
             metric.update(pred.joints, batch["joints_cam"][:, -1][valid], pred.vertices, gt.vertices)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def root_relative(joints: torch.Tensor) -> torch.Tensor:
+    """joints [..., 21, 3] -> the same relative to the wrist."""
+    return joints - joints[..., WRIST : WRIST + 1, :]
+
+
+def acceleration_error(
+    seq_index: torch.Tensor, frame_index: torch.Tensor, joints_pred: torch.Tensor, joints_gt: torch.Tensor
+) -> tuple[float, int]:
+    """Acceleration error (mm / frame^2) of consecutive per-frame predictions, as in the video hand / body pose
+    literature: for every frame ``f`` of a sequence whose neighbours ``f - 1`` and ``f + 1`` are also among the
+    samples, the second difference of the root-relative joints, predicted minus GT, its norm averaged over
+    joints and such triples. Frames are the stored frames of a sequence (a dropped frame is not one).
+
+    seq_index, frame_index [n] (int), joints_pred / joints_gt [n, 21, 3] metres -> (error in mm, number of
+    triples); ``nan`` when there is no triple.
+    """
+    n = seq_index.shape[0]
+    expect_shape(frame_index, (n,), "frame_index")
+    expect_shape(joints_pred, (n, len(JOINT_NAMES_21), 3), "joints_pred")
+    assert_same_shape(joints_pred, joints_gt, "joints_pred", "joints_gt")
+    position = {(int(s), int(f)): i for i, (s, f) in enumerate(zip(seq_index.tolist(), frame_index.tolist()))}
+    triples = [(position[(s, f - 1)], i, position[(s, f + 1)]) for (s, f), i in position.items()
+               if (s, f - 1) in position and (s, f + 1) in position]
+    if not triples:
+        return float("nan"), 0
+    prev, mid, nxt = (torch.tensor(col) for col in zip(*triples))
+    rel_pred, rel_gt = root_relative(joints_pred.double()), root_relative(joints_gt.double())
+
+    def accel(x: torch.Tensor) -> torch.Tensor:
+        return x[nxt] - 2 * x[mid] + x[prev]
+
+    error = (accel(rel_pred) - accel(rel_gt)).norm(dim=-1).mean()
+    return float(error) * 1000.0, len(triples)
+
+
+def joint_metrics(joints_pred: torch.Tensor, joints_gt: torch.Tensor) -> dict[str, float]:
+    """PA-MPJPE, root-relative MPJPE and root error (mm) of joints [n, 21, 3] (metres), as
+    :class:`HandPoseMetrics` computes them, without the vertex metrics; empty when n is 0."""
+    n = joints_pred.shape[0]
+    if n == 0:
+        return {}
+    assert_same_shape(joints_pred, joints_gt, "joints_pred", "joints_gt")
+    jp, jg = joints_pred.double(), joints_gt.double()
+    rel_pred, rel_gt = root_relative(jp), root_relative(jg)
+    aligned = procrustes_align(rel_pred, rel_gt)
+    return {"pa_mpjpe": float((aligned - rel_gt).norm(dim=-1).mean()) * 1000.0,
+            "mpjpe": float((rel_pred - rel_gt).norm(dim=-1).mean()) * 1000.0,
+            "root_err": float((jp[:, WRIST] - jg[:, WRIST]).norm(dim=-1).mean()) * 1000.0}
+
+
+def metrics_of(joints_pred: torch.Tensor, joints_gt: torch.Tensor, verts_pred: torch.Tensor,
+               verts_gt: torch.Tensor) -> dict[str, float]:
+    """:class:`HandPoseMetrics` of one set of samples (joints [n, 21, 3], verts [n, V, 3]) -> {name: value};
+    empty when n is 0."""
+    if joints_pred.shape[0] == 0:
+        return {}
+    metric = HandPoseMetrics()
+    metric.update(joints_pred, joints_gt, verts_pred, verts_gt)
     return {k: float(v) for k, v in metric.compute().items()}

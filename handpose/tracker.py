@@ -201,7 +201,8 @@ class HandTracker:
         token = self.net.encode_frames(one(crop.img), one(crop.bbox), one(crop.focal), one(crop.princpt))
         self.tokens.append(expect_shape(token, (1, 1, self.net.token_dim), "frame token")[0, 0])
         self.timestamps.append(float(timestamp))
-        pred = self.net.refine_and_decode(torch.stack(tuple(self.tokens))[None], self.window_timestamps())
+        pred = self.net.refine_and_decode(torch.stack(tuple(self.tokens))[None], self.window_timestamps(),
+                                          one(crop.focal), one(crop.princpt))
         return self._result(pred, side, float(timestamp), focal, princpt)
 
     def window_timestamps(self) -> torch.Tensor:

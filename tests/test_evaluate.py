@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 IMG = 32
 TINY = SyntheticConfig(seed=1, num_seqs=3, image_size=64, min_frames=10, max_frames=10)
 TINY_MODEL = [
-    f"model.net.backbone.img_size={IMG}", "model.net.backbone.depth=1", "model.net.decoder.dim=32",
+    f"model.net.backbone.img_size={IMG}", "model.net.backbone.dense_dim=8", "model.net.decoder.joint_mlp=16",
+    "model.lift_batch=4", "model.net.decoder.dim=32",
     "model.net.decoder.depth=1", "model.net.decoder.heads=2", "model.stage1_weight=null", "model.num_vis=2",
 ]
 
@@ -83,8 +84,10 @@ def runs(tmp_path_factory, data_root) -> dict[str, Path]:
     return {"stage1": make_run(out, data_root, "stage1", 1), "stage2": make_run(out, data_root, "stage2", 3)}
 
 
-def _samples(root: Path, split: str, num_frame: int) -> dict[str, np.ndarray]:
-    ds = HandWindowDataset(root, split, num_frame=num_frame, img_size=IMG)
+def _samples(root: Path, split: str, num_frame: int, ckpt: Path) -> dict[str, np.ndarray]:
+    """Every window of ``split`` with the run's crop settings."""
+    bbox_scale = float(OmegaConf.load(ckpt.parent.parent / "config.yaml").data.bbox_scale)
+    ds = HandWindowDataset(root, split, num_frame=num_frame, img_size=IMG, bbox_scale=bbox_scale)
     samples = [ds[i] for i in range(len(ds))]
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
@@ -111,7 +114,7 @@ def test_evaluate_writes_all_metrics_and_the_baseline_matching_a_recomputation(
     lit, _ = evaluate.load_checkpoint(runs[stage])
     for k, v in lit.state_dict().items():
         assert torch.equal(v, state[k]), k
-    ev = _samples(data_root, split, num_frame)
+    ev = _samples(data_root, split, num_frame, runs[stage])
     valid = ev["valid"][:, -1]
     assert report["num_evaluated"] == int(valid.sum()) > 0
     mano = ManoLayer()
@@ -124,7 +127,7 @@ def test_evaluate_writes_all_metrics_and_the_baseline_matching_a_recomputation(
     assert report["metrics"]["mpjpe"] == pytest.approx(mpjpe, rel=1e-4)
     assert report["metrics"]["root_err"] == pytest.approx(root, rel=1e-4)
 
-    train = _samples(data_root, "train", 1)
+    train = _samples(data_root, "train", 1, runs[stage])
     keep = train["valid"][:, 0]
     mean = {k: train[k][:, 0][keep].astype(np.float64).mean(0) for k in ("mano_pose", "mano_shape", "mano_trans")}
     # rotations: scipy's chordal L2 mean per joint, not the mean axis-angle
@@ -169,3 +172,32 @@ def test_demo_writes_an_overlay_video_of_every_frame(runs, data_root, tmp_path):
     assert frames.shape[0] == 3
     # both skeleton colours are drawn (GT red, prediction green) on the upscaled frames
     assert ((frames[..., 0] > 200) & (frames[..., 1] < 100)).any() and ((frames[..., 1] > 200) & (frames[..., 0] < 100)).any()
+
+
+def test_compare_stage1_evaluates_it_on_exactly_the_stage2_frames_with_subsets_and_acceleration(runs, data_root,
+                                                                                                 tmp_path):
+    out = tmp_path / "cmp.json"
+    evaluate.main(["--ckpt", str(runs["stage2"]), "--split", "val", "--json", str(out), "--no-progress",
+                   "--compare-stage1", str(runs["stage1"])])
+    report = json.loads(out.read_text())
+    details = report["details"]
+    assert set(details["subsets"]) == {"all", "occluded", "after_drop", "occluded_or_after_drop"}
+    assert details["subsets"]["all"]["count"] == report["num_evaluated"]
+    # every window ends at a frame with 2 predecessors (T=3): consecutive ends give acceleration triples
+    assert details["accel_triples"] > 0 and np.isfinite(details["accel_err"])
+    assert report["baseline_details"]["accel_triples"] == details["accel_triples"]
+
+    # Stage 1 on the same last frames, recomputed from its checkpoint without the evaluation code
+    lit1, _ = evaluate.load_checkpoint(runs["stage1"])
+    ev = _samples(data_root, "val", 3, runs["stage2"])
+    valid = ev["valid"][:, -1]
+    with torch.no_grad():
+        (pose, shape, trans), _ = lit1.net.predict_mano_param(*(torch.from_numpy(ev[k][:, -1:]) for k in
+                                                              ("img", "bbox", "focal", "princpt", "timestamp")))
+        joints = ManoLayer()(pose[:, 0], shape[:, 0], trans[:, 0]).joints.double().numpy()
+    mpjpe, root = _mpjpe_and_root_mm(joints[valid], ev["joints_cam"][:, -1][valid].astype(np.float64))
+    assert report["stage1"]["metrics"]["mpjpe"] == pytest.approx(mpjpe, rel=1e-4)
+    assert report["stage1"]["metrics"]["root_err"] == pytest.approx(root, rel=1e-4)
+    assert report["stage1"]["details"]["subsets"]["all"]["count"] == int(valid.sum())
+    table = evaluate.format_comparison(report)
+    assert "stage1, same frames" in table and "accel. error" in table

@@ -231,9 +231,10 @@ def test_batches_have_the_documented_keys_and_shapes(tiny_root, num_frame):
     assert set(batch) == set(spec)
     for key, shape in spec.items():
         assert tuple(batch[key].shape) == (2, *shape), key
-    for key in set(spec) - {"valid", "hand_side"}:
+    integer = {"hand_side", "seq_index", "frame_index"}
+    for key in set(spec) - {"valid"} - integer:
         assert batch[key].dtype == torch.float32, key
-    assert batch["valid"].dtype == torch.bool and batch["hand_side"].dtype == torch.int64
+    assert batch["valid"].dtype == torch.bool and all(batch[k].dtype == torch.int64 for k in integer)
     assert batch["valid"][:, -1].all()
     ts = batch["timestamp"]
     assert (ts[:, 0] == 0).all() and (ts.diff(dim=1) > 0).all()
@@ -351,3 +352,34 @@ def test_write_sequence_rejects_bad_arrays_and_keeps_no_partial_folder(all_seque
                           mano_model="procedural", source="test")
     for key, value in seq.arrays.items():
         np.testing.assert_array_equal(copy[key], value)
+
+
+def test_annotations_are_the_samples_last_frames_without_reading_images(tiny_root, monkeypatch):
+    ds = HandWindowDataset(tiny_root, "train", num_frame=3, img_size=32)
+    samples = [ds[i] for i in range(len(ds))]
+    import handpose.data.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "read_frame", lambda *a, **k: pytest.fail("annotations() read an image"))
+    ann = ds.annotations()
+    assert set(ann) == set(sample_spec(3, 32)) - {"img", "timestamp"}
+    for i, s in enumerate(samples):
+        for key, value in ann.items():
+            np.testing.assert_array_equal(value[i], s[key][-1], err_msg=key)
+    # the window's own indices: its sequence in the split and consecutive frames ending at the annotated one
+    assert all((s["seq_index"] == s["seq_index"][0]).all() and (np.diff(s["frame_index"]) == 1).all() for s in samples)
+    drawn = ds.sample_annotations(7)
+    assert all(v.shape[0] == 7 for v in drawn.values()) and drawn["valid"].all()
+
+
+def test_occluded_is_an_optional_field_written_by_the_generator_and_checked(tiny_root, tmp_path):
+    seq = read_sequence(tiny_root / read_splits(tiny_root)["train"][0])
+    assert seq["occluded"].dtype == np.bool_ and seq["occluded"].any()  # occlusion_prob=1 in TINY
+    assert seq["occluded"].tolist() == seq.extra["occluded"]
+    arrays = {k: v for k, v in seq.arrays.items() if k != "occluded"}
+    frames = [cv2.imread(str(seq.frame_path(i))) for i in range(len(seq))]
+    plain = write_sequence(tmp_path / "plain", frames, arrays, fps=seq.fps, flat_hand_mean=seq.flat_hand_mean,
+                           mano_model=seq.mano_model, source="test")
+    assert not plain["occluded"].any()  # absent: all false
+    with pytest.raises(SequenceFormatError, match="occluded"):
+        write_sequence(tmp_path / "bad", frames, {**arrays, "occluded": np.zeros(len(seq) + 1, bool)}, fps=seq.fps,
+                       flat_hand_mean=seq.flat_hand_mean, mano_model=seq.mano_model, source="test")

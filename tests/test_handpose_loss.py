@@ -13,11 +13,12 @@ import torch
 from common.mano import ManoLayer
 from common.shapes import ShapeError
 from handpose.loss import LOSS_TERMS, HandPoseLoss, bin_target, hand_scale
-from handpose.model import HandPrediction, ManoParams, make_bin_centers
+from handpose.model import HandPrediction, ManoParams, TranslationBins
 
 TRANS_BINS = {"x": {"min": -0.3, "max": 0.3, "num": 61}, "y": {"min": -0.3, "max": 0.3, "num": 61},
               "z": {"min": 0.2, "max": 1.5, "num": 131}}
-CENTERS = make_bin_centers(TRANS_BINS)
+BINS = TranslationBins(TRANS_BINS)  # camera space: the bins are MANO trans in metres
+CENTERS = BINS.centers
 
 
 def project_np(points: np.ndarray, focal: np.ndarray, princpt: np.ndarray) -> np.ndarray:
@@ -93,7 +94,7 @@ def loss_fn() -> HandPoseLoss:
 @pytest.mark.parametrize("t", [1, 7])
 def test_perfect_prediction_has_zero_geometric_terms(loss_fn, mano, t):
     batch = make_hand_batch(4, t, mano=mano)
-    out = loss_fn(gt_prediction(batch), batch, CENTERS)
+    out = loss_fn(gt_prediction(batch), batch, BINS)
     for name in ("pose", "shape", "joints", "verts", "joints_2d"):
         assert out["terms"][name].item() < 1e-5, name
     # camera-space outputs reproduce the GT built independently (MANO(pose, shape) + trans)
@@ -107,7 +108,7 @@ def test_seed_bug_all_frame_predictions_raise(loss_fn, mano):
     batch = make_hand_batch(3, 7, mano=mano)
     pred = prediction_from(batch["mano_pose"], batch["mano_shape"], batch["mano_trans"])
     with pytest.raises(ShapeError, match=r"\(3, 7, 48\).*\(3, 1, 48\)"):
-        loss_fn(pred, batch, CENTERS)
+        loss_fn(pred, batch, BINS)
 
 
 def test_heatmap_width_must_match_bins(loss_fn, mano):
@@ -115,7 +116,7 @@ def test_heatmap_width_must_match_bins(loss_fn, mano):
     (pose, shape, trans), heatmaps = gt_prediction(batch)
     short = (heatmaps[0][..., :-1], *heatmaps[1:])
     with pytest.raises(ShapeError):
-        loss_fn(HandPrediction(ManoParams(pose, shape, trans), short), batch, CENTERS)
+        loss_fn(HandPrediction(ManoParams(pose, shape, trans), short), batch, BINS)
 
 
 def test_fk_runs_on_the_last_frame_only(mano):
@@ -130,14 +131,14 @@ def test_fk_runs_on_the_last_frame_only(mano):
     loss_fn.mano.forward = spy
     b, t = 5, 7
     batch = make_hand_batch(b, t, mano=mano)
-    out = loss_fn(noisy_prediction(batch), batch, CENTERS)
+    out = loss_fn(noisy_prediction(batch), batch, BINS)
     assert seen and all(p == (b, 1, 48) and s == (b, 1, 10) for p, s in seen), seen
     assert out["verts_cam_pred"].shape == (b, 1, 778, 3)
     # the earlier frames of the ground truth do not matter at all
     scrambled = {k: v.clone() for k, v in batch.items()}
     for key in ("mano_pose", "mano_shape", "mano_trans", "joints_cam", "joints_2d", "focal", "princpt"):
         scrambled[key][:, :-1] = torch.randn_like(scrambled[key][:, :-1])
-    again = loss_fn(noisy_prediction(batch), scrambled, CENTERS)
+    again = loss_fn(noisy_prediction(batch), scrambled, BINS)
     assert torch.equal(out["loss"], again["loss"])
 
 
@@ -148,7 +149,7 @@ def test_loss_never_modifies_its_inputs(mano, norm_by_hand):
     pred = noisy_prediction(batch)
     pred_before = [x.clone() for x in (*pred.mano, *pred.log_heatmaps)]
     batch_before = {k: v.clone() for k, v in batch.items()}
-    out = loss_fn(pred, batch, CENTERS)
+    out = loss_fn(pred, batch, BINS)
     out["loss"].backward() if out["loss"].requires_grad else None
     for before, after in zip(pred_before, (*pred.mano, *pred.log_heatmaps)):
         assert torch.equal(before, after)
@@ -167,7 +168,7 @@ def test_norm_by_hand_scales_a_new_tensor_consistently(mano):
     assert not torch.allclose(scale, torch.ones_like(scale), atol=1e-2)  # shapes differ from the mean hand
     trans_normalised = batch["mano_trans"][:, -1:] / scale[..., None]
     pred = prediction_from(batch["mano_pose"][:, -1:], batch["mano_shape"][:, -1:], trans_normalised)
-    out = loss_fn(pred, batch, CENTERS)
+    out = loss_fn(pred, batch, BINS)
     torch.testing.assert_close(out["trans_pred_scaled"], batch["mano_trans"][:, -1:], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["joints_cam_pred"], batch["joints_cam"][:, -1:], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["verts_cam_pred"], out["verts_cam_gt"], atol=1e-5, rtol=0)
@@ -185,14 +186,14 @@ def test_invalid_frames_do_not_contribute(loss_fn, mano):
     batch["valid"][1, -1] = False
     batch["valid"][2, 0] = False  # not the supervised frame: ignored
     pred = noisy_prediction(batch)
-    out = loss_fn(pred, batch, CENTERS)
+    out = loss_fn(pred, batch, BINS)
     (pose, shape, trans), heatmaps = pred
     pose2 = pose.clone()
     pose2[1] += 1.0
-    other = loss_fn(HandPrediction(ManoParams(pose2, shape, trans), heatmaps), batch, CENTERS)
+    other = loss_fn(HandPrediction(ManoParams(pose2, shape, trans), heatmaps), batch, BINS)
     torch.testing.assert_close(out["loss"], other["loss"])
     pose2[2] += 1.0
-    assert loss_fn(HandPrediction(ManoParams(pose2, shape, trans), heatmaps), batch, CENTERS)["loss"] > out["loss"]
+    assert loss_fn(HandPrediction(ManoParams(pose2, shape, trans), heatmaps), batch, BINS)["loss"] > out["loss"]
 
 
 def test_gradients_reach_every_prediction(loss_fn, mano):
@@ -202,7 +203,7 @@ def test_gradients_reach_every_prediction(loss_fn, mano):
     log_hm = tuple(torch.log_softmax(x, -1) for x in logits)
     trans = torch.stack([(h.exp() * c).sum(-1) for h, c in zip(log_hm, CENTERS)], -1)
     pose, shape = pose.clone().requires_grad_(True), shape.clone().requires_grad_(True)
-    out = loss_fn(HandPrediction(ManoParams(pose, shape, trans), log_hm), batch, CENTERS)
+    out = loss_fn(HandPrediction(ManoParams(pose, shape, trans), log_hm), batch, BINS)
     out["loss"].backward()
     for name, x in (("pose", pose), ("shape", shape), *((f"logits{i}", x) for i, x in enumerate(logits))):
         assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all(), name
@@ -236,7 +237,7 @@ def test_shape_learns_only_from_its_own_term_when_detached_in_fk(mano, detach):
     batch = make_hand_batch(3, 1, mano=mano)
     (pose, shape, trans), heatmaps = noisy_prediction(batch)
     shape = shape.clone().requires_grad_(True)
-    loss_fn(HandPrediction(ManoParams(pose, shape, trans), heatmaps), batch, CENTERS)["loss"].backward()
+    loss_fn(HandPrediction(ManoParams(pose, shape, trans), heatmaps), batch, BINS)["loss"].backward()
     assert (shape.grad is None or not shape.grad.any()) if detach else shape.grad.abs().sum() > 0
 
 
@@ -251,11 +252,11 @@ def test_gt_root_fk_terms_supervise_articulation_only(mano):
     pred = HandPrediction(ManoParams(wrong_root, shape, trans), heatmaps)
     articulation = HandPoseLoss(gt_root_in_fk_terms=True, weights={k: 0.0 for k in ("pose", "shape", "trans",
                                                                                     "joints_2d")})
-    out = articulation(pred, batch, CENTERS)
+    out = articulation(pred, batch, BINS)
     assert out["terms"]["joints"].item() < 1e-6 and out["terms"]["verts"].item() < 1e-6
     assert out["terms"]["pose"].item() > 0.01
     assert (out["joints_cam_pred"] - batch["joints_cam"][:, -1:]).abs().max() > 1e-2  # outputs use the prediction
     out["loss"].backward()
     assert wrong_root.grad[..., :3].abs().max() == 0  # the FK terms do not train the global orientation
     # the default (predicted root in FK) does see the orientation error through the joints
-    assert HandPoseLoss()(pred, batch, CENTERS)["terms"]["joints"].item() > 1e-3
+    assert HandPoseLoss()(pred, batch, BINS)["terms"]["joints"].item() > 1e-3

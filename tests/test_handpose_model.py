@@ -27,9 +27,18 @@ DECODER = {"dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "trans_bins": TR
 TEMPORAL = {"depth": 1, "heads": 2, "mlp_ratio": 2.0}
 
 
-def make_net(stage: str, seed: int = 0, **kwargs) -> PoseNet:
+# The CPU default's kind: a timm CNN, the heatmap keypoint head, its joint MLP, crop-space translation.
+CNN_BACKBONE = {"kind": "cnn", "name": "resnet10t", "img_size": IMG, "out_indices": [1, 2, 3], "dense_dim": 16}
+CNN_DECODER = {**DECODER, "trans_space": "crop", "joint_mlp": 32, "head_init_gain": 0.3,
+               "trans_bins": {"x": {"min": -0.25, "max": 1.25, "num": 16}, "y": {"min": -0.25, "max": 1.25, "num": 16},
+                              "z": {"min": -1.0, "max": 1.0, "num": 16}}}
+KINDS = {"vit": {"backbone": BACKBONE, "decoder": DECODER},
+         "cnn": {"backbone": CNN_BACKBONE, "decoder": CNN_DECODER, "aux_keypoints": True}}
+
+
+def make_net(stage: str, seed: int = 0, kind: str = "vit", **kwargs) -> PoseNet:
     torch.manual_seed(seed)
-    return PoseNet(stage, backbone=BACKBONE, decoder=DECODER, temporal=TEMPORAL, **kwargs).eval()
+    return PoseNet(stage, temporal=TEMPORAL, **{**KINDS[kind], **kwargs}).eval()
 
 
 def inputs(b: int, t: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -44,9 +53,10 @@ def with_nonzero_temporal_output(net: PoseNet) -> PoseNet:
     return net
 
 
-@pytest.fixture(scope="module")
-def nets() -> dict[str, PoseNet]:
-    return {"stage1": make_net("stage1"), "stage2": with_nonzero_temporal_output(make_net("stage2"))}
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def nets(request) -> dict[str, PoseNet]:
+    kind = request.param
+    return {"stage1": make_net("stage1", kind=kind), "stage2": with_nonzero_temporal_output(make_net("stage2", kind=kind))}
 
 
 @pytest.mark.parametrize("b", [1, 5, 14])
@@ -108,13 +118,15 @@ def test_predict_is_encode_then_refine(nets):
         one_by_one = torch.cat([net.encode_frames(img[:, i : i + 1], bbox[:, i : i + 1], focal[:, i : i + 1],
                                                   princpt[:, i : i + 1]) for i in range(4)], dim=1)
         torch.testing.assert_close(tokens, one_by_one, atol=1e-5, rtol=1e-5)
-        composed = net.refine_and_decode(tokens, timestamp)
+        composed = net.refine_and_decode(tokens, timestamp, focal, princpt)
         direct = net.predict_mano_param(img, bbox, focal, princpt, timestamp)
     for a, b in zip((*composed.mano, *composed.log_heatmaps), (*direct.mano, *direct.log_heatmaps)):
         assert torch.equal(a, b)
 
 
 def test_trans_is_the_expectation_of_the_heatmaps(nets):
+    if nets["stage2"].translation.space != "camera":
+        pytest.skip("camera-space bins only (crop space: tests/test_handpose_cnn.py)")
     with torch.no_grad():
         (_, _, trans), heatmaps = nets["stage2"](*inputs(5, 3))
     for axis, (log_hm, centers) in enumerate(zip(heatmaps, nets["stage2"].trans_bin_centers)):
@@ -127,9 +139,10 @@ def test_trans_is_the_expectation_of_the_heatmaps(nets):
             TRANS_BINS["xyz"[axis]]["max"])
 
 
-def test_stage2_at_initialisation_equals_stage1_on_the_last_frame():
-    stage1 = make_net("stage1", seed=1)
-    stage2 = make_net("stage2", seed=2)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_stage2_at_initialisation_equals_stage1_on_the_last_frame(kind):
+    stage1 = make_net("stage1", seed=1, kind=kind)
+    stage2 = make_net("stage2", seed=2, kind=kind)
     result = stage2.load_state_dict(stage1.state_dict(), strict=False)
     assert not result.unexpected_keys and all(k.startswith("temporal.") for k in result.missing_keys)
     img, bbox, focal, princpt, timestamp = inputs(4, 7)
@@ -283,7 +296,7 @@ def test_mean_init_makes_a_silent_head_predict_the_mean():
     with torch.no_grad():
         decoder.pose_head.weight.zero_()
         decoder.shape_head.weight.zero_()
-        (pose_out, shape_out, _), _ = decoder.decode_token(torch.randn(3, decoder.dim))
+        (pose_out, shape_out, _), _ = decoder.decode_token(torch.randn(3, decoder.dim), torch.full((3, 2), 40.0), torch.full((3, 2), 16.0))
     torch.testing.assert_close(pose_out, pose.expand(3, -1), atol=1e-5, rtol=0)
     torch.testing.assert_close(shape_out, batch["mano_shape"][:, 0].mean(0).expand(3, -1), atol=1e-6, rtol=0)
     assert "init_pose_6d" in decoder.state_dict() and "init_shape" in decoder.state_dict()
@@ -354,14 +367,14 @@ def test_predict_with_keypoints_supervises_the_backbone_on_the_last_frame(stage,
         assert torch.equal(a, b)  # the auxiliary head does not change the MANO outputs
     loss = HandPoseLoss(weights={k: 0.0 for k in ("pose", "shape", "trans", "joints", "verts", "joints_2d")}
                         | {"keypoints_2d": 1.0})
-    out = loss(pred, batch, net.trans_bin_centers, keypoints_2d=keypoints)
+    out = loss(pred, batch, net.translation, keypoints_2d=keypoints)
     out["loss"].backward()
     assert out["terms"]["keypoints_2d"] > 0
     assert net.backbone.vit.patch_embed.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ShapeError):  # all frames' keypoints against the last frame's joints
-        loss(pred, batch, net.trans_bin_centers, keypoints_2d=keypoints.expand(5, t, 21, 2).clone()
+        loss(pred, batch, net.translation, keypoints_2d=keypoints.expand(5, t, 21, 2).clone()
              if t > 1 else keypoints[:, :, :20])
     with pytest.raises(ValueError, match="keypoints_2d"):
-        loss(pred, batch, net.trans_bin_centers)
+        loss(pred, batch, net.translation)
     with pytest.raises(RuntimeError, match="aux_keypoints"):
         make_net(stage).predict_with_keypoints(*args)

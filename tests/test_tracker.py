@@ -225,7 +225,7 @@ def test_camera_space_joints_equal_what_the_loss_and_metrics_evaluate(root, nets
     batch = window_sample(root, split, T, T)
     with torch.no_grad():
         out = loss(net.predict_mano_param(batch["img"], batch["bbox"], batch["focal"], batch["princpt"],
-                                          batch["timestamp"]), batch, net.trans_bin_centers)
+                                          batch["timestamp"]), batch, net.translation)
     np.testing.assert_allclose(res.joints_cam, out["joints_cam_pred"][0, 0].numpy(), atol=ATOL)
     np.testing.assert_allclose(res.vertices_cam, out["verts_cam_pred"][0, 0].numpy(), atol=ATOL)
 

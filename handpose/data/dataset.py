@@ -49,7 +49,9 @@ _BLOB_PARAMS = cv2.dnn.Image2BlobParams(
 def sample_spec(num_frame: int, img_size: int) -> dict[str, tuple[int, ...]]:
     """Per-sample shapes of every key (the batch adds a leading ``b``); the model codes against these.
 
-    All float32 except ``valid`` (bool) and ``hand_side`` (int64, the original side: 0 right, 1 left).
+    All float32 except ``valid`` (bool), ``hand_side`` (int64, the original side: 0 right,
+    1 left), and ``seq_index`` / ``frame_index`` (int64: the sequence's position in the split and the frame's
+    in the sequence, so that evaluation can put consecutive predictions of a sequence together).
     """
     t = num_frame
     return {
@@ -67,6 +69,8 @@ def sample_spec(num_frame: int, img_size: int) -> dict[str, tuple[int, ...]]:
         "joints_2d": (t, 21, 2),
         "valid": (t,),
         "hand_side": (t,),
+        "seq_index": (t,),
+        "frame_index": (t,),
     }
 
 
@@ -300,18 +304,45 @@ class HandWindowDataset(Dataset):
         for f, img in zip(range(start, stop), frames):
             for key, value in self._frame(seq, f, img, jitter).items():
                 out[key].append(value)
-        sample = {k: np.stack(v) for k, v in out.items()}
+        sample = {k: np.stack(v) for k, v in out.items() if k not in ("seq_index", "frame_index")}
         sample["timestamp"] = seq["timestamp"][start:stop] - seq["timestamp"][start]
+        sample["seq_index"] = np.full(stop - start, seq_id, np.int64)
+        sample["frame_index"] = np.arange(start, stop, dtype=np.int64)
         return _to_float32(sample)
 
+    def annotations(self) -> dict[str, np.ndarray]:
+        """The last frame of every window as the samples carry it (mirrored, converted; no augmentation), without
+        reading an image: ``{key: [n, ...]}`` for every key of :func:`sample_spec` but ``img`` and ``timestamp``."""
+        rows = []
+        for j in range(len(self)):
+            seq_id, _, stop = self.index[j]
+            row = self._geometry(self.sequences[seq_id], stop - 1, _Jitter())[0]
+            rows.append({**row, "seq_index": np.int64(seq_id), "frame_index": np.int64(stop - 1)})
+        return _to_float32({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+
+    def sample_annotations(self, n: int) -> dict[str, np.ndarray]:
+        """``n`` random windows' last frames, each with its own augmentation jitter, without reading an image:
+        ``{key: [n, ...]}`` as :meth:`annotations` (only windows ending at a valid frame exist). Uses torch's RNG,
+        like the augmentation (seeded per worker, restored on resume)."""
+        rows = []
+        for j in torch.randint(0, len(self), (n,)).tolist():
+            seq_id, _, stop = self.index[j]
+            rows.append(self._geometry(self.sequences[seq_id], stop - 1, self._sample_jitter())[0])
+        return _to_float32({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+
     def _frame(self, seq: HandSequence, f: int, img: np.ndarray, jitter: _Jitter) -> dict[str, np.ndarray]:
+        out, M = self._geometry(seq, f, jitter)
+        crop = cv2.warpAffine(img, M[:2], (self.img_size, self.img_size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        return {"img": self._normalise(crop, jitter), **out}
+
+    def _geometry(self, seq: HandSequence, f: int, jitter: _Jitter) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Everything of frame ``f`` but its pixels, and the image-to-crop map ``M [3, 3]``."""
         mirror = int(seq["hand_side"][f]) == LEFT
         M, R, box, orig_princpt, s = crop_transform(
             seq["bbox"][f], seq["focal"][f], seq["princpt"][f], seq.image_size[0], mirror,
             self.img_size, self.bbox_scale, jitter,
         )
-        crop = cv2.warpAffine(img, M[:2], (self.img_size, self.img_size), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         # 2D target through the image path (the warp), 3D target through the camera path (rotation R).
         uv = seq["joints_cam"][f, :, :2] / seq["joints_cam"][f, :, 2:] * seq["focal"][f] + seq["princpt"][f]
         joints_2d = uv.astype(np.float64) @ M[:2, :2].T + M[:2, 2]
@@ -324,7 +355,6 @@ class HandWindowDataset(Dataset):
         fingers_effective = pose[3:] if seq.flat_hand_mean else pose[3:] + mean
         fingers = fingers_effective if self.flat_hand_mean else fingers_effective - mean
         return {
-            "img": self._normalise(crop, jitter),
             "bbox": box,
             "focal": seq["focal"][f] * s,
             "princpt": (orig_princpt - box[:2]) * s,
@@ -337,7 +367,7 @@ class HandWindowDataset(Dataset):
             "joints_2d": joints_2d,
             "valid": seq["valid"][f],
             "hand_side": seq["hand_side"][f].astype(np.int64),
-        }
+        }, M
 
     def _normalise(self, bgr: np.ndarray, jitter: _Jitter) -> np.ndarray:
         """``[H, W, 3]`` BGR uint8 -> ``[3, H, W]`` RGB float32, colour-jittered, ImageNet-normalised."""

@@ -47,6 +47,10 @@ Layout::
                                     the frame is still used as temporal context, so all of its fields must
                                     hold usable values (converters copy the nearest valid frame's values)
 
+Optional, per frame (all false when absent):
+
+occluded    [N]        bool     the hand is partly hidden by another object (evaluation reports this subset)
+
 Other keys in the npz are allowed and ignored. Camera space is OpenCV's: x right, y down, z forward;
 pixel coordinates have integer values at pixel centres, so a camera-space point projects to
 ``u = fx * x / z + cx``, ``v = fy * y / z + cy``. Frames are 8-bit 3-channel JPEGs. Left hands are stored as
@@ -94,6 +98,10 @@ ARRAY_SPECS: dict[str, tuple[tuple[int, ...], type]] = {
     "bbox": ((4,), np.float32),
     "hand_side": ((), np.int8),
     "valid": ((), np.bool_),
+}
+# Optional per-frame fields and the value a sequence without them gets.
+OPTIONAL_ARRAY_SPECS: dict[str, tuple[tuple[int, ...], type, object]] = {
+    "occluded": ((), np.bool_, False),
 }
 # A bbox may reach this far past the image border (converters round; JPEG sizes are integers).
 BBOX_TOLERANCE_PX = 1.0
@@ -187,6 +195,16 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], image_size: tuple[int, int
     if bad.any():
         raise _fail(where, f"field 'bbox' lies outside the {w}x{h} image at frame {first(bad)}: "
                            f"{out['bbox'][first(bad)].tolist()} (clip it to the image)")
+    for key, (frame_shape, dtype, default) in OPTIONAL_ARRAY_SPECS.items():
+        if key not in arrays:
+            out[key] = np.full((n, *frame_shape), default, dtype)
+            continue
+        a = np.asarray(arrays[key])
+        if a.shape != (n, *frame_shape):
+            raise _fail(where, f"optional field '{key}' has shape {a.shape}, expected {('N', *frame_shape)} with N = {n}")
+        if dtype is np.bool_ and not np.isin(a, (0, 1)).all():
+            raise _fail(where, f"optional field '{key}' must be boolean, frame {int(np.argmax(~np.isin(a, (0, 1))))}")
+        out[key] = a.astype(dtype, copy=False)
     return out
 
 
@@ -224,7 +242,7 @@ def read_sequence(folder: str | Path, check_frames: bool = True) -> HandSequence
     _validate_meta(meta, where)
     try:
         with np.load(folder / ANNOTATION_FILE, allow_pickle=False) as npz:
-            raw = {k: npz[k] for k in npz.files if k in ARRAY_SPECS}
+            raw = {k: npz[k] for k in npz.files if k in ARRAY_SPECS or k in OPTIONAL_ARRAY_SPECS}
     except (OSError, ValueError) as e:
         raise _fail(where, f"cannot read {ANNOTATION_FILE}: {e}") from e
     image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))

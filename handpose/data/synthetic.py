@@ -247,7 +247,7 @@ def make_sequence(out_dir: Path, index: int, cfg: SyntheticConfig) -> Path:
     arrays = {
         "timestamp": times, "mano_pose": pose, "mano_shape": np.tile(shape, (n, 1)), "mano_trans": trans,
         "joints_cam": joints, "focal": np.tile(focal, (n, 1)), "princpt": np.tile(princpt, (n, 1)),
-        "bbox": bbox, "hand_side": np.full(n, side, np.int8), "valid": valid,
+        "bbox": bbox, "hand_side": np.full(n, side, np.int8), "valid": valid, "occluded": occluded,
     }
     folder = out_dir / f"seq_{index:04d}"
     write_sequence(folder, frames(), arrays, fps=cfg.fps, flat_hand_mean=True, mano_model="procedural",

@@ -1,13 +1,15 @@
-"""Hand pose network modules (no training logic): backbone, decoder, temporal encoder, PoseNet."""
+"""Hand pose network modules (no training logic): backbones, decoder, temporal encoder, PoseNet."""
 
-from .backbone import ViTBackbone
+from .backbone import CNNBackbone, ViTBackbone
 from .decoder import (
     POSE_DIM,
     SHAPE_DIM,
     HandDecoder,
     HandPrediction,
+    HeatmapKeypointHead,
     ManoParams,
     PatchKeypointHead,
+    TranslationBins,
     camera_features,
     make_bin_centers,
 )
@@ -15,6 +17,9 @@ from .posenet import PoseNet, Stage
 from .temporal import TemporalEncoder
 
 __all__ = [
+    "CNNBackbone",
+    "HeatmapKeypointHead",
+    "TranslationBins",
     "POSE_DIM",
     "SHAPE_DIM",
     "HandDecoder",

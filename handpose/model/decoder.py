@@ -1,7 +1,8 @@
-"""Hand decoder: a learned query cross-attends to ViT patch tokens and becomes one hand token per frame;
-``decode_token`` maps a hand token to MANO pose (6D -> axis-angle), shape and binned camera translation.
+"""Hand decoder: a learned query cross-attends to the backbone's tokens and becomes one hand token per frame;
+``decode_token`` maps a hand token to MANO pose (6D -> axis-angle), shape and binned translation.
 
-The translation bins (the one source of truth for their centres) live here; the loss reads them from the model.
+The translation bins (the one source of truth for their centres and meaning) live here in
+:class:`TranslationBins`; the loss reads them from the model, and checkpoints carry them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.mano import load_mano_arrays
 from common.rotations import axis_angle_to_rotation_6d, rotation_6d_to_axis_angle
 from common.shapes import expect_shape
 
@@ -21,6 +23,8 @@ POSE_DIM = NUM_POSE_JOINTS * 3
 SHAPE_DIM = 10
 TRANS_AXES = ("x", "y", "z")
 CAMERA_FEATURE_DIM = 4
+TRANS_SPACES = ("camera", "crop")
+CROP_DEPTH_REF_M = 0.2  # crop space: z is binned as log(z / z_ref), z_ref = depth at which 0.2 m spans the crop
 
 
 class ManoParams(NamedTuple):
@@ -51,6 +55,87 @@ def make_bin_centers(trans_bins: Mapping[str, Mapping[str, float]]) -> tuple[tor
             raise ValueError(f"trans_bins.{axis}: need max > min and num >= 2, got {dict(spec)}")
         centers.append(torch.linspace(lo, hi, num))
     return tuple(centers)
+
+
+class TranslationBins(nn.Module):
+    """Per-axis translation bins and the map between bin space and MANO's camera-space ``trans``.
+
+    ``space="camera"``: the bins are MANO ``trans`` itself, x / y / z in metres.
+    ``space="crop"``: the bins are where the root joint (the wrist) lies in the crop, ``u / S`` and ``v / S``
+    (crop pixels over the crop side ``S``), and its depth as ``log(z / z_ref)`` with ``z_ref = f * 0.2 m / S``
+    (``f`` the crop's mean focal length). All three are read off the crop alone; the real intrinsics turn them
+    into metres: ``z = z_ref e^c``, ``X = (u - cx) z / fx``, ``Y = (v - cy) z / fy``, and
+    ``trans = root - J0(shape)`` with MANO's rest-pose root joint ``J0`` (linear in the shape).
+    In camera space the network must learn depth as a product of the crop's scale and what it sees.
+
+    Centres, space and the MANO root regressor are persistent buffers: a checkpoint carries what its
+    translation outputs mean, and loading it into bins of another configuration is an error.
+    """
+
+    def __init__(self, bins: Mapping[str, Mapping[str, float]], space: str = "camera", img_size: int = 128,
+                 mano_model_path: str | None = None) -> None:
+        super().__init__()
+        if space not in TRANS_SPACES:
+            raise ValueError(f"trans_space: {space!r} is not one of {TRANS_SPACES}")
+        self.space = space
+        self.img_size = int(img_size)
+        for axis, centers in zip(TRANS_AXES, make_bin_centers(bins)):
+            self.register_buffer(f"centers_{axis}", centers)
+        self.register_buffer("space_code", torch.tensor(TRANS_SPACES.index(space)))
+        arrays = load_mano_arrays(mano_model_path, side="right")
+        root_row = torch.as_tensor(arrays["J_regressor"][0], dtype=torch.float64)  # [778]
+        self.register_buffer("rest_root", (root_row @ torch.as_tensor(arrays["v_template"])).float())  # [3]
+        dirs = torch.einsum("v,vcs->cs", root_row, torch.as_tensor(arrays["shapedirs"], dtype=torch.float64))
+        self.register_buffer("rest_root_dirs", dirs[:, :SHAPE_DIM].float())  # [3, 10]
+
+    @property
+    def centers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bin centres of the three axes: [Bx], [By], [Bz]."""
+        return self.centers_x, self.centers_y, self.centers_z
+
+    def root_joint(self, shape: torch.Tensor) -> torch.Tensor:
+        """shape [..., 10] -> MANO's rest-pose root joint J0 [..., 3] (the global rotation turns about it)."""
+        return self.rest_root.to(shape.dtype) + shape @ self.rest_root_dirs.to(shape.dtype).T
+
+    def _z_ref(self, focal: torch.Tensor) -> torch.Tensor:
+        return focal.mean(dim=-1) * CROP_DEPTH_REF_M / self.img_size
+
+    def encode(self, trans: torch.Tensor, root: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor) -> torch.Tensor:
+        """trans [..., 3] (MANO), root [..., 3] (camera-space wrist), focal / princpt [..., 2] (crop) -> bin
+        space [..., 3]: the classification target."""
+        if self.space == "camera":
+            return trans
+        z = root[..., 2].clamp(min=1e-3)
+        uv = root[..., :2] / z[..., None] * focal + princpt
+        return torch.cat([uv / self.img_size, torch.log(z / self._z_ref(focal))[..., None]], dim=-1)
+
+    def decode(self, values: torch.Tensor, shape: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor) -> torch.Tensor:
+        """values [..., 3] (bin space), shape [..., 10], focal / princpt [..., 2] (crop) -> MANO trans [..., 3]."""
+        if self.space == "camera":
+            return values
+        z = self._z_ref(focal) * torch.exp(values[..., 2])
+        xy = (values[..., :2] * self.img_size - princpt) / focal * z[..., None]
+        return torch.cat([xy, z[..., None]], dim=-1) - self.root_joint(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for name in ("space_code", "centers_x", "centers_y", "centers_z"):
+            saved = state_dict.get(prefix + name)
+            mine = getattr(self, name)
+            if saved is not None and (saved.shape != mine.shape or not torch.allclose(saved.float(), mine.float())):
+                saved_space = TRANS_SPACES[int(state_dict[prefix + "space_code"])] if prefix + "space_code" in state_dict else "?"
+                raise ValueError(
+                    f"translation bins: the weights were trained with {name} = {_describe(saved)} (space "
+                    f"{saved_space!r}), this model is configured with {_describe(mine)} (space {self.space!r}); "
+                    "set model.net.decoder.trans_bins / trans_space to the checkpoint's values")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _describe(t: torch.Tensor) -> str:
+    if t.ndim == 0:
+        return str(int(t))
+    return f"{len(t)} bins {float(t[0]):.4g}..{float(t[-1]):.4g}"
 
 
 def camera_features(focal: torch.Tensor, princpt: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
@@ -94,12 +179,67 @@ class PatchKeypointHead(nn.Module):
         return torch.einsum("nkj,kc->njc", weights, self.patch_centres.to(weights.dtype))
 
 
+class HeatmapKeypointHead(nn.Module):
+    """Pixel-aligned 2D joints from a dense feature map: per joint, a softmax over the map's cells and the
+    expected cell centre (integral regression, Sun et al. 2018). At stride 4 a 128 px crop gives a 32 x 32
+    heatmap per joint: a far denser signal for the backbone than an 8 x 8 patch grid.
+    """
+
+    def __init__(self, in_dim: int, stride: int, img_size: int, num_joints: int = 21, hidden: int = 64) -> None:
+        super().__init__()
+        if img_size % stride:
+            raise ValueError(f"heatmap stride {stride} does not divide the crop size {img_size}")
+        self.num_joints = num_joints
+        self.img_size = img_size
+        self.grid = img_size // stride
+        self.logits = nn.Sequential(nn.Conv2d(in_dim, hidden, 3, padding=1), nn.ReLU(inplace=True),
+                                    nn.Conv2d(hidden, num_joints, 1))
+        cells = (torch.arange(self.grid, dtype=torch.float32) + 0.5) * stride - 0.5  # crop pixels, centres
+        ys, xs = torch.meshgrid(cells, cells, indexing="ij")
+        self.register_buffer("cell_centres", torch.stack([xs, ys], dim=-1).reshape(-1, 2), persistent=False)
+
+    def log_heatmaps(self, dense: torch.Tensor) -> torch.Tensor:
+        """dense [n, C, g, g] -> per-joint log-probabilities over the cells [n, J, g * g]."""
+        n = dense.shape[0]
+        expect_shape(dense, (n, None, self.grid, self.grid), "dense features")
+        return F.log_softmax(self.logits(dense).flatten(2), dim=-1)
+
+    def heatmaps(self, dense: torch.Tensor) -> torch.Tensor:
+        """dense [n, C, g, g] -> per-joint probabilities [n, J, g, g] (each sums to 1)."""
+        return self.log_heatmaps(dense).exp().unflatten(-1, (self.grid, self.grid))
+
+    def coordinates(self, log_heatmaps: torch.Tensor) -> torch.Tensor:
+        """log-probabilities [n, J, g * g] -> expected joint positions [n, J, 2] (crop pixels, u then v)."""
+        prob = log_heatmaps.exp()
+        return torch.einsum("njk,kc->njc", prob, self.cell_centres.to(prob.dtype))
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        """dense [n, C, g, g] -> joints [n, num_joints, 2] (crop pixels, u then v)."""
+        return self.coordinates(self.log_heatmaps(dense))
+
+    @staticmethod
+    def relative_positions(joints_2d: torch.Tensor, img_size: int) -> torch.Tensor:
+        """joints [..., J, 2] crop pixels -> the wrist in [-0.5, 0.5] and the others relative to it (crop sides)."""
+        position = (joints_2d + 0.5) / img_size - 0.5
+        return torch.cat([position[..., :1, :], position[..., 1:, :] - position[..., :1, :]], dim=-2)
+
+    def joint_features(self, dense: torch.Tensor, log_heatmaps: torch.Tensor) -> torch.Tensor:
+        """dense [n, C, g, g], log_heatmaps [n, J, g * g] -> per joint [n, J, C + 2]: the dense features pooled
+        under the joint's heatmap, and its expected position: the wrist's in the crop (in [-0.5, 0.5]), the
+        others' relative to the wrist (crop sides)."""
+        prob = log_heatmaps.exp()
+        pooled = torch.einsum("njk,nck->njc", prob, dense.flatten(2).to(prob.dtype))
+        return torch.cat([pooled, self.relative_positions(self.coordinates(log_heatmaps), self.img_size)], dim=-1)
+
+
 class HandDecoder(nn.Module):
     """Query-token transformer decoder over image tokens, plus the MANO / translation heads.
 
     Args:
         in_dim, num_tokens: backbone token width and count (the decoder learns a position embedding per token).
-        trans_bins: ``{x|y|z: {min, max, num}}`` translation bins in metres.
+        trans_bins: ``{x|y|z: {min, max, num}}`` translation bins (see :class:`TranslationBins`).
+        trans_space: ``camera`` (bins in metres) or ``crop`` (root joint in crop pixels and log depth ratio).
+        img_size: crop side in pixels; mano_model_path: MANO files for the root joint (None = procedural).
         dim, depth, heads, mlp_ratio, dropout: decoder transformer size.
     """
 
@@ -113,13 +253,43 @@ class HandDecoder(nn.Module):
         heads: int = 8,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        trans_space: str = "camera",
+        img_size: int = 128,
+        mano_model_path: str | None = None,
+        joint_tokens: bool = False,
+        joint_in_dim: int = 0,
+        num_joints: int = 21,
+        num_queries: int = 1,
+        joint_mlp: int = 0,
+        head_init_gain: float = 0.01,
     ) -> None:
         super().__init__()
+        self.head_init_gain = head_init_gain
         self.dim = dim
+        self.num_queries = num_queries
         self.num_tokens = num_tokens
         self.token_proj = nn.Linear(in_dim, dim)
         self.token_pos = nn.Parameter(torch.zeros(1, num_tokens, dim))
-        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.joint_tokens = joint_tokens
+        self.joint_mlp = joint_mlp
+        self.num_joints = num_joints
+        self.joint_in_dim = joint_in_dim
+        if joint_tokens:  # one more memory token per joint: heatmap-pooled features and position
+            self.joint_proj = nn.Linear(joint_in_dim + 2, dim)
+            self.joint_embed = nn.Parameter(torch.zeros(1, num_joints, dim))
+        if joint_mlp:
+            # All joints' features at once through an MLP, added to the hand token. Attention reads weighted
+            # averages of the memory, which loses where each finger is; an MLP on the 21 stacked joint positions
+            # learns articulation in a few hundred steps (val PA-MPJPE 11.6 mm from GT 2D joints in 500 steps,
+            # where the query decoder stayed at the mean pose's 19.5).
+            # Positions only: it can also be trained on annotations without images (HandPoseLit's lift batch).
+            self.joint_mlp_net = nn.Sequential(
+                nn.Linear(num_joints * 2, joint_mlp), nn.GELU(), nn.Linear(joint_mlp, joint_mlp),
+                nn.GELU(), nn.Linear(joint_mlp, dim))
+        self.query = nn.Parameter(torch.zeros(1, num_queries, dim))
+        # Several queries can each read another part of the hand; their outputs are merged into one hand token
+        # (one query reads a weighted average of the tokens per head and layer: too narrow for articulation).
+        self.merge = nn.Linear(num_queries * dim, dim) if num_queries > 1 else nn.Identity()
         self.camera_embed = nn.Sequential(nn.Linear(CAMERA_FEATURE_DIM, dim), nn.GELU(), nn.Linear(dim, dim))
         layer = nn.TransformerDecoderLayer(
             dim, heads, int(dim * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
@@ -128,8 +298,7 @@ class HandDecoder(nn.Module):
 
         self.pose_head = nn.Linear(dim, NUM_POSE_JOINTS * 6)
         self.shape_head = nn.Linear(dim, SHAPE_DIM)
-        for axis, centers in zip(TRANS_AXES, make_bin_centers(trans_bins)):
-            self.register_buffer(f"bin_centers_{axis}", centers, persistent=False)  # config is the truth
+        self.translation = TranslationBins(trans_bins, trans_space, img_size, mano_model_path)
         self.trans_heads = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, len(c))) for c in self.bin_centers
         )
@@ -142,8 +311,10 @@ class HandDecoder(nn.Module):
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.token_pos, std=0.02)
         nn.init.trunc_normal_(self.query, std=0.02)
-        for head in (self.pose_head, self.shape_head):  # start at the mean hand
-            nn.init.xavier_uniform_(head.weight, gain=0.01)
+        if self.joint_tokens:
+            nn.init.trunc_normal_(self.joint_embed, std=0.02)
+        for head in (self.pose_head, self.shape_head):  # start near the mean hand
+            nn.init.xavier_uniform_(head.weight, gain=self.head_init_gain)
             nn.init.zeros_(head.bias)
 
     @torch.no_grad()
@@ -156,26 +327,52 @@ class HandDecoder(nn.Module):
 
     @property
     def bin_centers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Translation bin centres (metres) for x, y, z: [Bx], [By], [Bz]."""
-        return self.bin_centers_x, self.bin_centers_y, self.bin_centers_z
+        """Translation bin centres for x, y, z: [Bx], [By], [Bz] (in the space of ``self.translation``)."""
+        return self.translation.centers
 
-    def forward(self, tokens: torch.Tensor, camera: torch.Tensor) -> torch.Tensor:
-        """tokens [n, N, in_dim], camera [n, 4] (see camera_features) -> hand token [n, dim]."""
+    def forward(self, tokens: torch.Tensor, camera: torch.Tensor, joints: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [n, N, in_dim], camera [n, 4] (see camera_features), joints [n, J, joint_in_dim + 2] (with
+        ``joint_tokens``; see HeatmapKeypointHead.joint_features) -> hand token [n, dim]."""
         n = tokens.shape[0]
         expect_shape(tokens, (n, self.num_tokens, None), "image tokens")
         expect_shape(camera, (n, CAMERA_FEATURE_DIM), "camera features")
         memory = self.token_proj(tokens) + self.token_pos
+        if self.uses_joints:
+            if joints is None:
+                raise ValueError("HandDecoder(joint_tokens / joint_mlp) needs the joint features")
+            expect_shape(joints, (n, self.num_joints, self.joint_in_dim + 2), "joint features")
+        if self.joint_tokens:
+            memory = torch.cat([memory, self.joint_proj(joints) + self.joint_embed], dim=1)
         query = self.query.expand(n, -1, -1) + self.camera_embed(camera)[:, None]
-        return self.blocks(query, memory)[:, 0]
+        token = self.merge(self.blocks(query, memory).flatten(1))
+        if self.joint_mlp:
+            token = token + self.lift_token(joints[..., -2:])
+        return token
 
-    def decode_token(self, token: torch.Tensor) -> HandPrediction:
-        """token [n, dim] -> (pose [n, 48], shape [n, 10], trans [n, 3]), log_heatmaps (x [n, Bx], y [n, By], z [n, Bz])."""
+    def lift_token(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [n, J, 2] (the wrist in the crop in [-0.5, 0.5], the others relative to it, as in
+        HeatmapKeypointHead.joint_features) -> the joint MLP's part of the hand token [n, dim]."""
+        n = positions.shape[0]
+        expect_shape(positions, (n, self.num_joints, 2), "joint positions")
+        return self.joint_mlp_net(positions.flatten(1))
+
+    @property
+    def uses_joints(self) -> bool:
+        """Whether the decoder reads the heatmap head's joint features (joint_tokens or joint_mlp)."""
+        return bool(self.joint_tokens or self.joint_mlp)
+
+    def decode_token(self, token: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor) -> HandPrediction:
+        """token [n, dim], focal / princpt [n, 2] (crop pixels) -> (pose [n, 48], shape [n, 10], trans [n, 3]),
+        log_heatmaps (x [n, Bx], y [n, By], z [n, Bz])."""
         n = token.shape[0]
         expect_shape(token, (n, self.dim), "hand token")
+        expect_shape(focal, (n, 2), "focal")
+        expect_shape(princpt, (n, 2), "princpt")
         pose_6d = (self.init_pose_6d + self.pose_head(token)).unflatten(-1, (NUM_POSE_JOINTS, 6))
         pose = rotation_6d_to_axis_angle(pose_6d).flatten(-2)
         shape = self.init_shape + self.shape_head(token)
         log_heatmaps = tuple(F.log_softmax(head(token), dim=-1) for head in self.trans_heads)
-        # trans is the expectation over bin centres, so it always agrees with the heatmaps.
-        trans = torch.stack([(lh.exp() * c).sum(-1) for lh, c in zip(log_heatmaps, self.bin_centers)], dim=-1)
+        # trans comes from the expectation over bin centres, so it always agrees with the heatmaps.
+        values = torch.stack([(lh.exp() * c).sum(-1) for lh, c in zip(log_heatmaps, self.bin_centers)], dim=-1)
+        trans = self.translation.decode(values, shape, focal, princpt)
         return HandPrediction(ManoParams(pose, shape, trans), log_heatmaps)

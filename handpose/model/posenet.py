@@ -19,12 +19,13 @@ from torch import nn
 from common.checkpoint import LoadReport, load_weights
 from common.shapes import expect_shape
 
-from .backbone import ViTBackbone
+from .backbone import CNNBackbone, ViTBackbone
 from .decoder import (
     POSE_DIM,
     SHAPE_DIM,
     HandDecoder,
     HandPrediction,
+    HeatmapKeypointHead,
     ManoParams,
     PatchKeypointHead,
     camera_features,
@@ -42,6 +43,32 @@ class Stage(str, enum.Enum):
     STAGE2 = "stage2"  # sequence; temporal encoder refines the last frame
 
 
+BACKBONES = {"vit": ViTBackbone, "cnn": CNNBackbone}
+
+
+def build_backbone(spec: Mapping | nn.Module | None) -> nn.Module:
+    """``{kind: vit|cnn, **kwargs}`` (kind defaults to vit) or a built backbone -> the backbone module.
+
+    A backbone gives ``img_size``, ``embed_dim``, ``grid_size``, ``num_patches`` and tokens ``[n, N, C]``;
+    a CNN also a dense map (``forward_features``) for the heatmap keypoint head.
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    kwargs = dict(spec or {})
+    kind = kwargs.pop("kind", "vit")
+    if kind not in BACKBONES:
+        raise ValueError(f"model.net.backbone.kind: {kind!r} is not one of {sorted(BACKBONES)}")
+    return BACKBONES[kind](**kwargs)
+
+
+def make_keypoint_head(backbone: nn.Module) -> nn.Module:
+    """The auxiliary 2D keypoint head that fits the backbone's features: heatmaps on a CNN's dense map,
+    a softmax over the patch tokens on a ViT."""
+    if isinstance(backbone, CNNBackbone):
+        return HeatmapKeypointHead(backbone.dense_dim, backbone.dense_stride, backbone.img_size)
+    return PatchKeypointHead(backbone.embed_dim, backbone.grid_size, backbone.img_size)
+
+
 class PoseNet(nn.Module):
     """Hand pose network.
 
@@ -53,8 +80,13 @@ class PoseNet(nn.Module):
             come from the backbone.
         temporal: kwargs of :class:`TemporalEncoder` (depth, heads, ...); used by Stage 2 only.
         freeze_backbone: no gradients into the backbone, and it stays in eval mode.
-        aux_keypoints: add a :class:`PatchKeypointHead` on the patch tokens (2D joints of the last frame, for the
+        freeze_encoder: also freeze everything else that makes the per-frame tokens (keypoint head, the decoder's
+            projections, query and blocks): the frame tokens are computed without gradients, and only the
+            temporal encoder and the output heads train (Stage 2 on a CPU: 7 frames cost 7 forward passes).
+        aux_keypoints: add a 2D keypoint head (:func:`make_keypoint_head`: joints of the last frame, for the
             ``keypoints_2d`` auxiliary loss through :meth:`predict_with_keypoints`).
+        mano_model_path: the MANO files whose root joint turns crop-space translation into MANO ``trans``
+            (``None`` = the procedural hand); must be the data's model.
     """
 
     def __init__(
@@ -64,24 +96,32 @@ class PoseNet(nn.Module):
         decoder: Mapping | None = None,
         temporal: Mapping | None = None,
         freeze_backbone: bool = False,
+        freeze_encoder: bool = False,
         aux_keypoints: bool = False,
+        mano_model_path: str | None = None,
     ) -> None:
         super().__init__()
         self.stage = Stage(stage)
-        self.backbone = ViTBackbone(**dict(backbone or {}))
+        self.backbone = build_backbone(backbone)
+        decoder = dict(decoder or {})
+        if (decoder.get("joint_tokens") or decoder.get("joint_mlp")) and not (
+                aux_keypoints and isinstance(self.backbone, CNNBackbone)):
+            raise ValueError("model.net.decoder.joint_tokens / joint_mlp need a CNN backbone and aux_keypoints=true "
+                             "(the heatmap head)")
         self.decoder = HandDecoder(
-            in_dim=self.backbone.embed_dim, num_tokens=self.backbone.num_patches, **dict(decoder or {})
+            in_dim=self.backbone.embed_dim, num_tokens=self.backbone.num_patches, img_size=self.backbone.img_size,
+            mano_model_path=mano_model_path, joint_in_dim=getattr(self.backbone, "dense_dim", 0), **decoder
         )
         self.temporal = (
             TemporalEncoder(self.decoder.dim, **dict(temporal or {})) if self.stage is Stage.STAGE2 else None
         )
-        self.keypoint_head = (
-            PatchKeypointHead(self.backbone.embed_dim, self.backbone.grid_size, self.backbone.img_size)
-            if aux_keypoints else None
-        )
+        self.keypoint_head = make_keypoint_head(self.backbone) if aux_keypoints else None
         self.backbone_frozen = False
-        if freeze_backbone:
+        self.encoder_frozen = False
+        if freeze_backbone or freeze_encoder:
             self.freeze_backbone()
+        if freeze_encoder:
+            self.freeze_encoder()
 
     @property
     def token_dim(self) -> int:
@@ -93,18 +133,42 @@ class PoseNet(nn.Module):
 
     @property
     def trans_bin_centers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Translation bin centres x [Bx], y [By], z [Bz] in metres (the loss uses these same tensors)."""
+        """Translation bin centres x [Bx], y [By], z [Bz] (in the space of :attr:`translation`)."""
         return self.decoder.bin_centers
+
+    @property
+    def translation(self):
+        """The :class:`TranslationBins` (centres, space, encode / decode); the loss takes its targets from it."""
+        return self.decoder.translation
 
     def freeze_backbone(self) -> None:
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.backbone_frozen = True
 
+    def token_encoder_modules(self) -> list[nn.Module]:
+        """What turns a frame into its hand token besides the backbone: keypoint head, the decoder's token path."""
+        d = self.decoder
+        modules = [d.token_proj, d.camera_embed, d.blocks, d.merge, *((d.joint_proj,) if d.joint_tokens else ()),
+                   *((d.joint_mlp_net,) if d.joint_mlp else ())]
+        return [*modules, *((self.keypoint_head,) if self.keypoint_head is not None else ())]
+
+    def freeze_encoder(self) -> None:
+        self.freeze_backbone()
+        for module in self.token_encoder_modules():
+            module.requires_grad_(False)
+            module.eval()
+        for param in (self.decoder.token_pos, self.decoder.query, *((self.decoder.joint_embed,) if self.decoder.joint_tokens else ())):
+            param.requires_grad_(False)
+        self.encoder_frozen = True
+
     def train(self, mode: bool = True) -> PoseNet:
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()  # no stochastic depth / dropout in a frozen backbone
+        if self.encoder_frozen:
+            for module in self.token_encoder_modules():
+                module.eval()
         return self
 
     def load_stage1(self, path: str | Path) -> LoadReport:
@@ -142,26 +206,47 @@ class PoseNet(nn.Module):
 
     def _encode(
         self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> hand tokens [b, t, d] and the backbone's patch tokens [b, t, N, C]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> hand tokens [b, t, d]; the keypoint head's input for every frame: the backbone's patch tokens
+        [b, t, N, C] (ViT) or its dense map [b, t, C, g, g] (CNN); and for a CNN with a heatmap head the joint
+        log-heatmaps [b, t, 21, g * g] (else None)."""
         b, t = img.shape[:2]
         size = self.img_size
         expect_shape(img, (b, t, 3, size, size), "img")
         expect_shape(bbox, (b, t, 4), "bbox")
         expect_shape(focal, (b, t, 2), "focal")
         expect_shape(princpt, (b, t, 2), "princpt")
+        frames = rearrange(img, "b t c h w -> (b t) c h w")
+        log_heatmaps = joint_tokens = None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            patches = self.backbone(rearrange(img, "b t c h w -> (b t) c h w"))
+            if isinstance(self.backbone, CNNBackbone):
+                patches, dense = self.backbone.forward_features(frames)
+                features = rearrange(dense, "(b t) c h w -> b t c h w", b=b)
+            else:
+                patches = self.backbone(frames)
+                features = rearrange(patches, "(b t) n c -> b t n c", b=b)
         camera = camera_features(focal, princpt, (size, size))
-        tokens = self.decoder(patches, rearrange(camera, "b t c -> (b t) c"))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            if isinstance(self.keypoint_head, HeatmapKeypointHead):
+                log_heatmaps = self.keypoint_head.log_heatmaps(dense)  # [(b t), 21, K]
+                if self.decoder.uses_joints:
+                    joint_tokens = self.keypoint_head.joint_features(dense, log_heatmaps)
+            tokens = self.decoder(patches, rearrange(camera, "b t c -> (b t) c"), joint_tokens)
         tokens = expect_shape(rearrange(tokens, "(b t) d -> b t d", b=b), (b, t, self.token_dim), "frame tokens")
-        return tokens, rearrange(patches, "(b t) n c -> b t n c", b=b)
+        if log_heatmaps is not None:
+            log_heatmaps = rearrange(log_heatmaps, "(b t) j k -> b t j k", b=b)
+        return tokens, features, log_heatmaps
 
-    def refine_and_decode(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> HandPrediction:
-        """tokens [b, t, d], timestamp [b, t] -> (pose [b, 1, 48], shape [b, 1, 10], trans [b, 1, 3]), 3 x [b, 1, B]."""
+    def refine_and_decode(
+        self, tokens: torch.Tensor, timestamp: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor
+    ) -> HandPrediction:
+        """tokens [b, t, d], timestamp [b, t], focal / princpt [b, t, 2] (crop pixels; the last frame's are used)
+        -> (pose [b, 1, 48], shape [b, 1, 10], trans [b, 1, 3]), 3 x [b, 1, B]."""
         b, t = tokens.shape[:2]
         expect_shape(tokens, (b, t, self.token_dim), "tokens")
         expect_shape(timestamp, (b, t), "timestamp")
+        expect_shape(focal, (b, None, 2), "focal")
+        expect_shape(princpt, (b, None, 2), "princpt")
         if self.temporal is not None:
             last = self.temporal(tokens, timestamp)
         elif t == 1:
@@ -169,7 +254,8 @@ class PoseNet(nn.Module):
         else:
             raise ValueError(f"a stage1 PoseNet takes one frame per sample (t=1), got t={t}; use stage2")
         last = expect_shape(last, (b, 1, self.token_dim), "last-frame token")
-        (pose, shape, trans), log_heatmaps = self.decoder.decode_token(rearrange(last, "b 1 d -> b d"))
+        (pose, shape, trans), log_heatmaps = self.decoder.decode_token(
+            rearrange(last, "b 1 d -> b d"), focal[:, -1], princpt[:, -1])
 
         def per_sample(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
             return expect_shape(rearrange(x, "b d -> b 1 d"), (b, 1, width), name)
@@ -188,18 +274,34 @@ class PoseNet(nn.Module):
         timestamp: torch.Tensor,
     ) -> HandPrediction:
         """img [b, t, 3, H, W], bbox [b, t, 4], focal/princpt [b, t, 2], timestamp [b, t] -> last frame [b, 1, ...]."""
-        return self.refine_and_decode(self.encode_frames(img, bbox, focal, princpt), timestamp)
+        return self.refine_and_decode(self.encode_frames(img, bbox, focal, princpt), timestamp, focal, princpt)
 
     def predict_with_keypoints(
         self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
         timestamp: torch.Tensor,
     ) -> tuple[HandPrediction, torch.Tensor]:
-        """As :meth:`predict_mano_param`, plus the patch keypoint head's 2D joints of the last frame
+        """As :meth:`predict_mano_param`, plus the keypoint head's 2D joints of the last frame
         [b, 1, 21, 2] (crop pixels); needs ``aux_keypoints=True``."""
         if self.keypoint_head is None:
             raise RuntimeError("predict_with_keypoints needs a PoseNet built with aux_keypoints=True")
-        tokens, patches = self._encode(img, bbox, focal, princpt)
-        keypoints = self.keypoint_head(patches[:, -1])
-        return self.refine_and_decode(tokens, timestamp), rearrange(keypoints, "b j c -> b 1 j c")
+        tokens, features, log_heatmaps = self._encode(img, bbox, focal, princpt)
+        if log_heatmaps is not None:
+            keypoints = self.keypoint_head.coordinates(log_heatmaps[:, -1])
+        else:
+            keypoints = self.keypoint_head(features[:, -1])
+        return self.refine_and_decode(tokens, timestamp, focal, princpt), rearrange(keypoints, "b j c -> b 1 j c")
+
+    def predict_with_heatmaps(
+        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
+        timestamp: torch.Tensor,
+    ) -> tuple[HandPrediction, torch.Tensor, torch.Tensor]:
+        """As :meth:`predict_with_keypoints`, plus the heatmap head's log-probabilities over its cells
+        [b, 1, 21, K] (their centres: ``keypoint_head.cell_centres`` [K, 2]); needs a CNN backbone."""
+        if not isinstance(self.keypoint_head, HeatmapKeypointHead):
+            raise RuntimeError("predict_with_heatmaps needs aux_keypoints=True and a CNN backbone (heatmap head)")
+        tokens, _, log_heatmaps = self._encode(img, bbox, focal, princpt)
+        keypoints = self.keypoint_head.coordinates(log_heatmaps[:, -1])
+        pred = self.refine_and_decode(tokens, timestamp, focal, princpt)
+        return pred, rearrange(keypoints, "b j c -> b 1 j c"), log_heatmaps[:, -1:]
 
     forward = predict_mano_param

@@ -54,26 +54,38 @@ class TemporalEncoder(nn.Module):
 
     def __init__(
         self, dim: int, depth: int = 1, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
-        num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0,
+        num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0, token_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.dim = dim
+        # Training only: independent Gaussian noise on every frame's token, ``token_noise`` times the batch's
+        # per-channel std. Stage 1 fitted the training frames, so their tokens are cleaner than unseen frames';
+        # without noise the encoder learns to trust the last frame and never to average over the window.
+        self.token_noise = token_noise
         self.time_embed = TimeEmbedding(dim, num_freqs, min_period, max_period)
         self.blocks = nn.ModuleList(TemporalBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, dim)
         nn.init.zeros_(self.out.weight)  # identity at initialisation: Stage 2 starts as Stage 1
         nn.init.zeros_(self.out.bias)
+        # A gated average of the window's tokens, per channel: a path that can learn to smooth in a few dozen
+        # steps (attention from LayerNorm-ed features has to learn the tokens' scale first). Zero at start.
+        self.average_gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> torch.Tensor:
         """tokens [b, t, d], timestamp [b, t] (seconds) -> [b, 1, d] (the last frame, refined)."""
         b, t = tokens.shape[:2]
         expect_shape(tokens, (b, t, self.dim), "temporal tokens")
         expect_shape(timestamp, (b, t), "timestamp")
+        if self.training and self.token_noise > 0:
+            scale = tokens.detach().flatten(0, 1).std(dim=0).clamp(min=1e-6)  # [d]
+            tokens = tokens + self.token_noise * scale * torch.randn_like(tokens)
         last = tokens[:, -1:]
         time = self.time_embed(timestamp - timestamp[:, -1:])  # [b, t, d], offsets <= 0 seconds
         context = tokens + time
         query = last + time[:, -1:]
         for block in self.blocks:
             query = block(query, context)
-        return expect_shape(last + self.out(self.norm(query)), (b, 1, self.dim), "refined token")
+        average = tokens.mean(dim=1, keepdim=True)
+        refined = last + self.average_gate * (average - last) + self.out(self.norm(query))
+        return expect_shape(refined, (b, 1, self.dim), "refined token")

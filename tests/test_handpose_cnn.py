@@ -1,0 +1,214 @@
+"""The CPU default's components: timm CNN backbone, heatmap keypoint head, crop-space translation bins, the joint
+MLP and its lifting batch, the frozen token encoder of Stage 2, the acceleration error and the learning curve.
+
+References are independent: pinhole projection and cell centres in float64 numpy, MANO's root joint from a forward
+pass of ``common.mano.ManoLayer``, the acceleration error from an explicit loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_handpose_loss import make_hand_batch
+from test_handpose_model import CNN_BACKBONE, CNN_DECODER, TEMPORAL
+
+from common.mano import ManoLayer
+from common.shapes import ShapeError
+from handpose.callbacks import FIGURE_NAME, LearningCurve, render_curve
+from handpose.loss import HandPoseLoss, heatmap_target
+from handpose.metrics import acceleration_error
+from handpose.model import CNNBackbone, HeatmapKeypointHead, PoseNet, TranslationBins
+
+IMG = CNN_BACKBONE["img_size"]
+CROP_BINS = CNN_DECODER["trans_bins"]
+
+
+def cnn_net(stage: str = "stage1", seed: int = 0, **kwargs) -> PoseNet:
+    torch.manual_seed(seed)
+    return PoseNet(stage, backbone=CNN_BACKBONE, decoder=CNN_DECODER, temporal=TEMPORAL, aux_keypoints=True,
+                   **kwargs).eval()
+
+
+def test_cnn_backbone_gives_tokens_at_its_last_stride_and_a_stride_4_map():
+    bb = CNNBackbone("resnet10t", img_size=64, out_indices=(1, 2, 3), dense_dim=8).eval()
+    tokens, dense = bb.forward_features(torch.randn(3, 3, 64, 64))
+    assert bb.grid_size == (4, 4) and bb.num_patches == 16 and bb.dense_stride == 4
+    assert tokens.shape == (3, 16, bb.embed_dim) and dense.shape == (3, 8, 16, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        CNNBackbone("resnet10t", img_size=60)
+    with pytest.raises(ShapeError, match="img"):
+        bb(torch.randn(1, 3, 32, 32))
+
+
+def test_heatmap_head_soft_argmax_of_a_peaked_heatmap_is_that_cells_centre():
+    head = HeatmapKeypointHead(in_dim=4, stride=4, img_size=32, num_joints=3)
+    grid = 8
+    cell = np.array([[2, 5], [7, 0], [3, 3]])  # (row, col) per joint
+    logits = torch.full((1, 3, grid * grid), -1e4)
+    for j, (r, c) in enumerate(cell):
+        logits[0, j, r * grid + c] = 0.0
+    coords = head.coordinates(torch.log_softmax(logits, -1))[0].numpy()
+    # crop pixels have integer values at pixel centres: cell k spans [4k - 0.5, 4k + 3.5)
+    expected = np.stack([(cell[:, 1] + 0.5) * 4 - 0.5, (cell[:, 0] + 0.5) * 4 - 0.5], 1)
+    np.testing.assert_allclose(coords, expected, atol=1e-4)
+
+
+def test_heatmap_target_peaks_at_the_joint_and_masks_joints_outside_the_crop():
+    head = HeatmapKeypointHead(in_dim=4, stride=4, img_size=32, num_joints=2)
+    joints = torch.tensor([[[9.5, 21.5], [40.0, 3.0]]])  # the second lies right of the 32-px crop
+    target, inside = heatmap_target(joints, head.cell_centres, sigma=1.0, crop_wh=(32, 32))
+    torch.testing.assert_close(target.sum(-1), torch.ones(1, 2))
+    assert inside.tolist() == [[1.0, 0.0]]
+    peak = head.cell_centres[target[0, 0].argmax()]
+    assert (peak - joints[0, 0]).abs().max() <= 2.0  # the nearest cell centre (cells are 4 px)
+    # the expectation of the target is (close to) the joint: the Gaussian is centred on it, not on a cell
+    torch.testing.assert_close(target[0, 0] @ head.cell_centres, joints[0, 0], atol=0.3, rtol=0)
+
+
+def test_heatmap_loss_term_is_zero_gradient_free_of_outside_joints():
+    net = cnn_net()
+    batch = make_hand_batch(4, 1, IMG, seed=3)
+    pred, keypoints, log_hm = net.predict_with_heatmaps(batch["img"], batch["bbox"], batch["focal"],
+                                                        batch["princpt"], batch["timestamp"])
+    assert keypoints.shape == (4, 1, 21, 2) and log_hm.shape == (4, 1, 21, (IMG // 4) ** 2)
+    loss = HandPoseLoss(weights={"heatmap_2d": 1.0, "keypoints_2d": 1.0})
+    out = loss(pred, batch, net.translation, keypoints_2d=keypoints, keypoint_heatmaps=(log_hm, net.keypoint_head.cell_centres))
+    assert torch.isfinite(out["terms"]["heatmap_2d"]) and out["terms"]["heatmap_2d"] > 0
+    with pytest.raises(ValueError, match="heatmap_2d"):
+        loss(pred, batch, net.translation, keypoints_2d=keypoints)
+
+
+def _crop_bins() -> TranslationBins:
+    return TranslationBins(CROP_BINS, space="crop", img_size=64)
+
+
+def test_crop_translation_root_joint_is_manos_and_decode_inverts_the_pinhole_encode():
+    bins = _crop_bins()
+    g = torch.Generator().manual_seed(0)
+    shape = torch.randn(6, 10, generator=g)
+    mano = ManoLayer()
+    with torch.no_grad():
+        rest_root = mano(torch.zeros(6, 48), shape).joints[:, 0]  # MANO rotates about this joint
+    torch.testing.assert_close(bins.root_joint(shape), rest_root, atol=1e-6, rtol=0)
+
+    root = torch.stack([torch.rand(6, generator=g) * 0.2 - 0.1, torch.rand(6, generator=g) * 0.2 - 0.1,
+                        0.3 + 0.6 * torch.rand(6, generator=g)], 1).double()
+    focal = (80 + 40 * torch.rand(6, 2, generator=g)).double()
+    princpt = (20 + 20 * torch.rand(6, 2, generator=g)).double()
+    trans = root - bins.root_joint(shape.double())
+    values = bins.encode(trans, root, focal, princpt)
+    r, f, c = root.numpy(), focal.numpy(), princpt.numpy()
+    u = f[:, 0] * r[:, 0] / r[:, 2] + c[:, 0]
+    v = f[:, 1] * r[:, 1] / r[:, 2] + c[:, 1]
+    z_ref = f.mean(1) * 0.2 / 64
+    np.testing.assert_allclose(values.numpy(), np.stack([u / 64, v / 64, np.log(r[:, 2] / z_ref)], 1), rtol=1e-9)
+    torch.testing.assert_close(bins.decode(values, shape.double(), focal, princpt), trans, atol=1e-9, rtol=0)
+
+
+def test_translation_bins_travel_with_the_weights_and_other_bins_are_an_error():
+    saved = cnn_net().state_dict()
+    assert {"decoder.translation.centers_z", "decoder.translation.space_code"} <= set(saved)
+    other = {**CNN_DECODER, "trans_bins": {**CROP_BINS, "z": {"min": -0.5, "max": 1.5, "num": 16}}}
+    torch.manual_seed(0)
+    net = PoseNet("stage1", backbone=CNN_BACKBONE, decoder=other, temporal=TEMPORAL, aux_keypoints=True)
+    with pytest.raises(ValueError, match="centers_z"):
+        net.load_state_dict(saved)
+    camera = PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "trans_space": "camera"},
+                     temporal=TEMPORAL, aux_keypoints=True)
+    with pytest.raises(ValueError, match="space"):
+        camera.load_state_dict(saved)
+    cnn_net(seed=5).load_state_dict(saved)  # the same configuration loads
+
+
+def test_joint_mlp_needs_the_heatmap_head():
+    with pytest.raises(ValueError, match="joint_mlp"):
+        PoseNet("stage1", backbone=CNN_BACKBONE, decoder=CNN_DECODER, aux_keypoints=False)
+
+
+def test_freeze_encoder_leaves_only_the_temporal_encoder_and_the_heads_trainable():
+    net = cnn_net("stage2", freeze_encoder=True).train()
+    trainable = {name.split(".")[0] + "." + name.split(".")[1] for name, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"temporal.time_embed", "temporal.blocks", "temporal.norm", "temporal.out",
+                         "temporal.average_gate", "decoder.pose_head", "decoder.shape_head", "decoder.trans_heads"}
+    assert not net.backbone.training and not net.keypoint_head.training and not net.decoder.blocks.training
+    batch = make_hand_batch(2, 3, IMG)
+    tokens = net.encode_frames(batch["img"], batch["bbox"], batch["focal"], batch["princpt"])
+    assert not tokens.requires_grad  # computed without a graph: 7 frames cost 7 forward passes
+    out = net(batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
+    assert out.mano.pose.requires_grad
+
+
+def test_lift_terms_equal_the_forward_terms_for_the_same_prediction():
+    loss = HandPoseLoss(gt_root_in_fk_terms=True)
+    batch = make_hand_batch(5, 1, IMG, seed=2)
+    g = torch.Generator().manual_seed(1)
+    pose = batch["mano_pose"][:, 0] + 0.2 * torch.randn(5, 48, generator=g)
+    bins = TranslationBins({"x": {"min": -0.3, "max": 0.3, "num": 8}, "y": {"min": -0.3, "max": 0.3, "num": 8},
+                            "z": {"min": 0.2, "max": 1.5, "num": 8}})
+    from handpose.model import HandPrediction, ManoParams
+
+    heat = tuple(torch.log_softmax(torch.zeros(5, 1, 8), -1) for _ in range(3))
+    pred = HandPrediction(ManoParams(pose[:, None], batch["mano_shape"], batch["mano_trans"]), heat)
+    full = loss(pred, batch, bins)["terms"]
+    lift = loss.lift_terms(pose, {k: v[:, 0] for k, v in batch.items()})
+    torch.testing.assert_close(lift["pose"], full["pose"])
+    torch.testing.assert_close(lift["joints"], full["joints"])
+
+
+def _accel_reference(seq, frame, pred, gt) -> float:
+    """Explicit loop over (sequence, frame) triples, float64."""
+    index = {(s, f): i for i, (s, f) in enumerate(zip(seq, frame))}
+    errors = []
+    for (s, f), i in index.items():
+        if (s, f - 1) in index and (s, f + 1) in index:
+            a, b = index[(s, f - 1)], index[(s, f + 1)]
+            rel_p = pred - pred[:, :1]
+            rel_g = gt - gt[:, :1]
+            acc_p = rel_p[b] - 2 * rel_p[i] + rel_p[a]
+            acc_g = rel_g[b] - 2 * rel_g[i] + rel_g[a]
+            errors.append(np.linalg.norm(acc_p - acc_g, axis=-1).mean())
+    return 1000 * float(np.mean(errors)), len(errors)
+
+
+def test_acceleration_error_matches_an_explicit_loop_over_consecutive_frames():
+    rng = np.random.default_rng(0)
+    # two sequences, shuffled order, a gap (frame 4 missing) that breaks the triples around it
+    seq = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    frame = np.array([0, 1, 2, 3, 5, 6, 10, 11, 12, 14])
+    order = rng.permutation(len(seq))
+    seq, frame = seq[order], frame[order]
+    gt = rng.normal(0, 0.05, (len(seq), 21, 3))
+    pred = gt + rng.normal(0, 0.01, gt.shape)
+    got, triples = acceleration_error(torch.from_numpy(seq), torch.from_numpy(frame), torch.from_numpy(pred),
+                                      torch.from_numpy(gt))
+    want, want_triples = _accel_reference(seq, frame, pred, gt)
+    assert triples == want_triples == 3  # (0,1,2), (1,2,3) of seq 0 and (10,11,12) of seq 1
+    assert got == pytest.approx(want, rel=1e-9)
+    same, _ = acceleration_error(torch.from_numpy(seq), torch.from_numpy(frame), torch.from_numpy(gt),
+                                 torch.from_numpy(gt))
+    assert same == 0.0
+    assert np.isnan(acceleration_error(torch.tensor([0]), torch.tensor([0]), torch.zeros(1, 21, 3),
+                                       torch.zeros(1, 21, 3))[0])
+
+
+def test_learning_curve_writes_the_figure_and_keeps_its_history_in_the_checkpoint(tmp_path):
+    image = render_curve([{"step": 10, "pa_mpjpe": 19.0, "mpjpe": 90.0}, {"step": 20, "pa_mpjpe": 15.0, "mpjpe": 60.0}],
+                         {"pa_mpjpe": 19.5, "mpjpe": 126.0}, "stage1/test")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
+
+    class Trainer:
+        sanity_checking, is_global_zero, global_step = False, True, 30
+        callback_metrics = {"val/pa_mpjpe": torch.tensor(14.0), "val/mpjpe": torch.tensor(50.0)}
+        loggers = []
+
+    class Module:
+        trainer = Trainer()
+        global_step = 30
+
+    curve = LearningCurve(str(tmp_path / "run"))
+    curve.load_state_dict({"history": [{"step": 10, "pa_mpjpe": 19.0, "mpjpe": 90.0}], "baseline": {"pa_mpjpe": 19.5}})
+    curve.on_validation_end(Trainer(), Module())
+    assert (tmp_path / "run" / FIGURE_NAME).is_file()
+    assert [h["step"] for h in curve.state_dict()["history"]] == [10, 30]
+    assert curve.state_dict()["baseline"] == {"pa_mpjpe": 19.5}
