@@ -212,3 +212,15 @@ def test_learning_curve_writes_the_figure_and_keeps_its_history_in_the_checkpoin
     assert (tmp_path / "run" / FIGURE_NAME).is_file()
     assert [h["step"] for h in curve.state_dict()["history"]] == [10, 30]
     assert curve.state_dict()["baseline"] == {"pa_mpjpe": 19.5}
+
+
+def test_temporal_gate_of_one_returns_the_window_mean_and_zero_returns_the_last_token():
+    from handpose.model import TemporalEncoder
+
+    torch.manual_seed(0)
+    enc = TemporalEncoder(16, heads=2, gate_scale=10.0, token_noise=0.5).eval()  # out is zero-initialised
+    tokens, ts = torch.randn(3, 5, 16), torch.cumsum(torch.rand(3, 5), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(tokens, ts), tokens[:, -1:])  # identity at start, noise off in eval
+        enc.average_gate.fill_(0.1)  # effective gate 10 x 0.1 = 1
+        torch.testing.assert_close(enc(tokens, ts), tokens.mean(dim=1, keepdim=True), atol=1e-6, rtol=0)

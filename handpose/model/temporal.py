@@ -55,6 +55,7 @@ class TemporalEncoder(nn.Module):
     def __init__(
         self, dim: int, depth: int = 1, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
         num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0, token_noise: float = 0.0,
+        gate_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -69,8 +70,11 @@ class TemporalEncoder(nn.Module):
         nn.init.zeros_(self.out.weight)  # identity at initialisation: Stage 2 starts as Stage 1
         nn.init.zeros_(self.out.bias)
         # A gated average of the window's tokens, per channel: a path that can learn to smooth in a few dozen
-        # steps (attention from LayerNorm-ed features has to learn the tokens' scale first). Zero at start.
+        # steps (attention from LayerNorm-ed features has to learn the tokens' scale first). Zero at start; the
+        # gate is ``gate_scale * average_gate`` so that an optimiser step moves it by about gate_scale x lr
+        # (at scale 1 it reached 0.08 in Stage 2's 205 steps).
         self.average_gate = nn.Parameter(torch.zeros(dim))
+        self.gate_scale = gate_scale
 
     def forward(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> torch.Tensor:
         """tokens [b, t, d], timestamp [b, t] (seconds) -> [b, 1, d] (the last frame, refined)."""
@@ -87,5 +91,5 @@ class TemporalEncoder(nn.Module):
         for block in self.blocks:
             query = block(query, context)
         average = tokens.mean(dim=1, keepdim=True)
-        refined = last + self.average_gate * (average - last) + self.out(self.norm(query))
+        refined = last + self.gate_scale * self.average_gate * (average - last) + self.out(self.norm(query))
         return expect_shape(refined, (b, 1, self.dim), "refined token")
