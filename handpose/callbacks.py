@@ -13,31 +13,15 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 
 from common.loggers import log_image
-from handpose.metrics import mean_mano_params, metrics_of
+from handpose.data.dataset import annotation_batch
+from handpose.metrics import mean_pose_baseline
 
 log = logging.getLogger(__name__)
 
 CURVE_METRICS = {"pa_mpjpe": "PA-MPJPE (mm)", "mpjpe": "MPJPE, root-relative (mm)"}
 FIGURE_NAME = "learning_curve.png"
-
-
-def mean_pose_metrics(train_dataset, eval_dataset, mano) -> dict[str, float]:
-    """Metrics of the training set's mean MANO pose, shape and translation on every valid last frame of
-    ``eval_dataset`` (the baseline of handpose.evaluate, from annotations only)."""
-    def batch(dataset) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v)[:, None] for k, v in dataset.annotations().items()}
-
-    train, ev = batch(train_dataset), batch(eval_dataset)
-    mean = mean_mano_params([train])
-    valid = ev["valid"][:, 0].bool()
-    n = int(valid.sum())
-    with torch.no_grad():
-        pred = mano(mean.pose.expand(n, -1), mean.shape.expand(n, -1), mean.trans.expand(n, -1))
-        gt = mano(*(ev[k][:, 0][valid] for k in ("mano_pose", "mano_shape", "mano_trans")))
-    return metrics_of(pred.joints, ev["joints_cam"][:, 0][valid], pred.vertices, gt.vertices)
 
 
 def render_curve(history: list[dict[str, float]], baseline: dict[str, float], title: str) -> np.ndarray:
@@ -85,8 +69,8 @@ class LearningCurve(L.Callback):
         if not trainer.is_global_zero or dm is None or not dm.has_split(self.baseline_split):
             return
         try:
-            self.baseline = mean_pose_metrics(dm.build_dataset("train"), dm.build_dataset(self.baseline_split),
-                                              copy.deepcopy(pl_module.loss.mano).cpu())
+            train, ev = (annotation_batch(dm.build_dataset(split)) for split in ("train", self.baseline_split))
+            self.baseline = mean_pose_baseline([train], [ev], copy.deepcopy(pl_module.loss.mano).cpu())
         except Exception as err:  # noqa: BLE001 - a missing line is not worth stopping a run
             log.warning("learning curve: no mean-pose line (%s)", err)
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from common.checkpoint import load_weights
+from handpose.data.dataset import annotation_batch
 from handpose.lit import HandPoseLit
 from handpose.metrics import METRIC_NAMES, acceleration_error, joint_metrics, mean_mano_params, metrics_of
 
@@ -165,9 +166,6 @@ class PerSample:
             raise ValueError(f"{len(missing)} frames were not evaluated here, e.g. (sequence, frame) {missing[:3]}")
         return self.select(torch.tensor([position[k] for k in keys], dtype=torch.long))
 
-    def with_predictions(self, joints_pred: torch.Tensor, verts_pred: torch.Tensor) -> PerSample:
-        return PerSample(self.seq, self.frame, joints_pred, self.joints_gt, verts_pred, self.verts_gt)
-
 
 def subset_masks(samples: PerSample, dataset) -> dict[str, torch.Tensor]:
     """Evaluation subsets by the LAST frame of each sample: ``occluded`` (the format's optional flag),
@@ -293,11 +291,6 @@ def compare_stage1(report: dict, stage1_ckpt: str | Path, progress: bool = True,
     return report["stage1"]
 
 
-def annotation_batches(dataset) -> list[dict[str, torch.Tensor]]:
-    """A dataset's last-frame annotations (no images read) as one batch of ``[n, 1, ...]`` tensors."""
-    return [{k: torch.from_numpy(v)[:, None] for k, v in dataset.annotations().items()}]
-
-
 def _baseline_samples(cfg: DictConfig, lit: HandPoseLit, eval_batches: list, samples: PerSample) -> PerSample | None:
     """The mean training-set MANO (every valid train frame, no augmentation) as the prediction of every
     evaluated frame; GT vertices are MANO(GT parameters), as for the model."""
@@ -306,7 +299,7 @@ def _baseline_samples(cfg: DictConfig, lit: HandPoseLit, eval_batches: list, sam
         log.warning("%s has no train split: no mean-pose baseline", train_dm.root)
         return None
     mano = copy.deepcopy(lit.loss.mano).cpu()
-    mean = mean_mano_params(annotation_batches(train_dm.build_dataset("train")))
+    mean = mean_mano_params([annotation_batch(train_dm.build_dataset("train"))])
     n = samples.seq.shape[0]
     with torch.no_grad():
         pred = mano(mean.pose.expand(n, -1), mean.shape.expand(n, -1), mean.trans.expand(n, -1))

@@ -41,6 +41,21 @@ def test_cnn_backbone_gives_tokens_at_its_last_stride_and_a_stride_4_map():
         bb(torch.randn(1, 3, 32, 32))
 
 
+def test_cnn_backbone_loads_a_local_timm_file_and_names_the_key_when_it_is_missing(tmp_path):
+    from safetensors.torch import save_file
+
+    source = CNNBackbone("resnet10t", img_size=64, dense_dim=8)
+    save_file({k: v.contiguous() for k, v in source.cnn.state_dict().items()}, tmp_path / "cnn.safetensors")
+    torch.manual_seed(1)
+    target = CNNBackbone("resnet10t", img_size=64, dense_dim=8)
+    report = target.load_pretrained(tmp_path / "cnn.safetensors")
+    assert report.clean and len(report.loaded) == len(source.cnn.state_dict())
+    for key, value in source.cnn.state_dict().items():
+        assert torch.equal(target.cnn.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="model.net.backbone.weight"):
+        CNNBackbone("resnet10t", img_size=64, weight=str(tmp_path / "none.safetensors"))
+
+
 def test_heatmap_head_soft_argmax_of_a_peaked_heatmap_is_that_cells_centre():
     head = HeatmapKeypointHead(in_dim=4, stride=4, img_size=32, num_joints=3)
     grid = 8
@@ -66,7 +81,7 @@ def test_heatmap_target_peaks_at_the_joint_and_masks_joints_outside_the_crop():
     torch.testing.assert_close(target[0, 0] @ head.cell_centres, joints[0, 0], atol=0.3, rtol=0)
 
 
-def test_heatmap_loss_term_is_zero_gradient_free_of_outside_joints():
+def test_heatmap_loss_term_is_positive_and_needs_the_heatmap_heads_output():
     net = cnn_net()
     batch = make_hand_batch(4, 1, IMG, seed=3)
     pred, keypoints, log_hm = net.predict_with_heatmaps(batch["img"], batch["bbox"], batch["focal"],

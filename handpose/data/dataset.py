@@ -380,6 +380,12 @@ class HandWindowDataset(Dataset):
         return cv2.dnn.blobFromImageWithParams(bgr, _BLOB_PARAMS)[0]
 
 
+def annotation_batch(dataset: HandWindowDataset) -> dict[str, torch.Tensor]:
+    """A dataset's last-frame annotations (:meth:`HandWindowDataset.annotations`, no image read) as one batch of
+    ``[n, 1, ...]`` tensors, the layout the metrics' batch functions take."""
+    return {k: torch.from_numpy(v)[:, None] for k, v in dataset.annotations().items()}
+
+
 def _to_float32(sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cast float arrays to float32 (the batch dtype), leaving bool/int arrays alone."""
     return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in sample.items()}

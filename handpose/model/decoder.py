@@ -204,10 +204,6 @@ class HeatmapKeypointHead(nn.Module):
         expect_shape(dense, (n, None, self.grid, self.grid), "dense features")
         return F.log_softmax(self.logits(dense).flatten(2), dim=-1)
 
-    def heatmaps(self, dense: torch.Tensor) -> torch.Tensor:
-        """dense [n, C, g, g] -> per-joint probabilities [n, J, g, g] (each sums to 1)."""
-        return self.log_heatmaps(dense).exp().unflatten(-1, (self.grid, self.grid))
-
     def coordinates(self, log_heatmaps: torch.Tensor) -> torch.Tensor:
         """log-probabilities [n, J, g * g] -> expected joint positions [n, J, 2] (crop pixels, u then v)."""
         prob = log_heatmaps.exp()
