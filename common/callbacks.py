@@ -11,11 +11,13 @@ import os
 import random
 import sys
 import time
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ProgressBar, RichProgressBar
 
 
@@ -84,6 +86,11 @@ class RNGStateCallback(pl.Callback):
     Lightning restores weights, optimiser and loop state but not the global random state, so without this a
     resumed run shuffles and drops out differently from the uninterrupted run. States are applied at
     ``on_train_start`` (after any sanity check, which also draws random numbers).
+
+    It also restarts the training data iterator of a resumed run at the right epoch. Lightning creates that
+    iterator while it sets the run up (to count the batches), before it restores the loop state and before it
+    tells the sampler the epoch; loader workers fetch ahead as soon as it exists, so a run resumed at epoch k
+    would see epoch 0's order and worker seeds. Here the sampler gets epoch k and the iterator is made again.
     """
 
     def __init__(self) -> None:
@@ -109,6 +116,7 @@ class RNGStateCallback(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self._pending is None:
             return
+        self._restart_train_iterator(trainer)
         s = self._pending
         random.setstate(s["python"])
         kind, keys, pos, has_gauss, gauss = s["numpy"]
@@ -120,6 +128,22 @@ class RNGStateCallback(pl.Callback):
             except RuntimeError:
                 pass  # different number of devices: keep the freshly seeded CUDA state
         self._pending = None
+
+
+    @staticmethod
+    def _restart_train_iterator(trainer) -> None:
+        loop = trainer.fit_loop
+        fetcher, loaders = getattr(loop, "_data_fetcher", None), getattr(loop, "_combined_loader", None)
+        if fetcher is None or loaders is None:
+            warnings.warn("resume: Lightning's fit loop has no _data_fetcher / _combined_loader (another "
+                          "Lightning version?); the resumed epoch may start with another data order", stacklevel=2)
+            return
+        if getattr(loop, "restarted_mid_epoch", False):  # a mid-epoch checkpoint: Lightning's own restart applies
+            return
+        epoch = loop.epoch_progress.current.processed
+        for loader in loaders.flattened:
+            _set_sampler_epoch(loader, epoch)
+        iter(fetcher)  # a new iterator (and workers) for this epoch's order and seeds
 
 
 class EMA(EMAWeightAveraging):

@@ -6,16 +6,20 @@ to wandb on rank 0 only and silently do nothing when there is no wandb logger.
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -144,9 +148,69 @@ def build_wandb_logger(
         return None
 
 
-def build_csv_logger(save_dir: str, name: str = "csv") -> CSVLogger:
-    """CSV metrics in ``<save_dir>/<name>/metrics.csv`` (one stable folder, appended to on resume)."""
-    return CSVLogger(save_dir=save_dir, name=name, version="")
+class _ResumableCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, except for what it does with an existing ``metrics.csv``: Lightning deletes it
+    (a resumed run lost every row logged before the interruption) or, when it survives, crashes on the first
+    new column because it does not know the file's header. Here a resumed run (``keep_before_step`` set) keeps
+    the rows logged before its checkpoint's global step, drops the interrupted run's rows from there on (the
+    resumed run logs them again) and continues the file's header; a fresh start moves the old file aside."""
+
+    def __init__(self, log_dir: str, keep_before_step: int | None) -> None:
+        self._keep_before_step = keep_before_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        if self._keep_before_step is None:
+            aside = path.with_name(f"metrics.prev-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+            path.rename(aside)
+            log.info("fresh start: the earlier %s was moved to %s", path, aside.name)
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            fieldnames = list(reader.fieldnames or [])
+            rows = list(reader)
+        try:
+            kept = [row for row in rows if float(row["step"]) < self._keep_before_step]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: a row without a numeric 'step' ({err}); move the file away to resume") from err
+        self.metrics_keys = sorted(fieldnames)
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+        log.info("resume: %s keeps %d rows logged before step %d (%d later rows of the interrupted run dropped)",
+                 path, len(kept), self._keep_before_step, len(rows) - len(kept))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSV metrics that survive a resume: see :class:`_ResumableCSVWriter`. Rows are also flushed to disk after
+    every checkpoint, so a run killed without a shutdown (SIGKILL, preemption) keeps the rows its checkpoint
+    covers."""
+
+    def __init__(self, *args: Any, keep_before_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_before_step = keep_before_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ResumableCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumableCSVWriter(self.log_dir, self._keep_before_step)
+        return self._experiment
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.save()
+
+
+def build_csv_logger(save_dir: str, name: str = "csv", resume_step: int | None = None) -> ResumableCSVLogger:
+    """CSV metrics in ``<save_dir>/<name>/metrics.csv`` (one stable folder). ``resume_step``: the global step of
+    the checkpoint a resumed run starts from (rows from that step on are dropped and logged again); ``None``
+    for a fresh start (an existing file is moved aside, never deleted)."""
+    return ResumableCSVLogger(save_dir=save_dir, name=name, version="", keep_before_step=resume_step)
 
 
 def _wandb_loggers(module) -> list[WandbLogger]:

@@ -65,19 +65,28 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return None
 
 
-def _describe_ckpt(path: str) -> str:
+def _ckpt_progress(path: str) -> tuple[int | None, int | None, str | None]:
+    """-> (epoch, global step, error) of a Lightning checkpoint; (None, None, message) when unreadable."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        return f"epoch {ck.get('epoch', '?')}, global step {ck.get('global_step', '?')}"
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - description only; fit() reports real load errors
-        return f"unreadable header: {err}"
+        return None, None, str(err)
+    epoch, step = ck.get("epoch"), ck.get("global_step")
+    return (int(epoch) if epoch is not None else None), (int(step) if step is not None else None), None
 
 
-def build_loggers(cfg: DictConfig, fresh_over_existing: bool) -> list:
+def _describe_ckpt(path: str) -> str:
+    epoch, step, err = _ckpt_progress(path)
+    return f"unreadable header: {err}" if err else f"epoch {epoch}, global step {step}"
+
+
+def build_loggers(cfg: DictConfig, fresh_over_existing: bool, resume_step: int | None = None) -> list:
+    """CSV and wandb loggers of the run. ``resume_step``: global step of the checkpoint a resumed run starts
+    from (the CSV keeps the rows logged before it); None for a fresh start."""
     out = cfg.paths.output_dir
     loggers: list = []
     if cfg.logger.csv.enabled:
-        loggers.append(build_csv_logger(out))
+        loggers.append(build_csv_logger(out, resume_step=resume_step))
     if cfg.logger.wandb.enabled:
         run_id = f"{cfg.experiment_name}-{cfg.run_name}"
         if fresh_over_existing:
@@ -149,7 +158,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = build_loggers(cfg, fresh_over_existing=existed_before and ckpt_path is None)
+    resume_step = _ckpt_progress(ckpt_path)[1] if ckpt_path else None
+    loggers = build_loggers(cfg, fresh_over_existing=existed_before and ckpt_path is None, resume_step=resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      default_root_dir=str(out))
     metrics: dict[str, float] = {}

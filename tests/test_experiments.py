@@ -134,3 +134,64 @@ def test_failing_wandb_warns_and_the_run_still_finishes(tmp_path, monkeypatch):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
     assert json.loads((run_dir / "metrics.json").read_text())["val/loss"] == pytest.approx(metrics["val/loss"])
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb still ran (offline), it just failed to log"
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_stage1_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path):
+    """A user's sequence: `experiment=stage1` with its default callbacks (EMA, learning curve, RNG state) and
+    loggers (wandb offline + CSV), Ctrl-C in epoch 2 after a validation, the same command again. It must end with
+    the uninterrupted run's weights and metrics.csv rows. Loader workers on (augmentation draws in them)."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_SILENT="true", CI="1", PYTHONUNBUFFERED="1")
+    tiny = [o for o in TINY_HAND if not o.startswith(("logger=", "data.num_workers=", "trainer.max_epochs=",
+                                                       "data.synthetic."))]
+    common = [f"paths.output_root={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}", *tiny,
+              "data.num_workers=1", "trainer.max_epochs=2", "test_after_fit=false", "data.synthetic.num_seqs=14",
+              "data.synthetic.min_frames=20", "data.synthetic.max_frames=20", "data.synthetic.image_size=64",
+              *STAGE_OVERRIDES["stage1"]]
+
+    def cmd(run: str) -> list[str]:
+        return [sys.executable, "-m", "common.train", "experiment=stage1", f"run_name={run}", *common]
+
+    def train(run: str) -> str:
+        proc = subprocess.run(cmd(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{run} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        return proc.stdout
+
+    train("full")
+    run_dir = tmp_path / "out" / "stage1" / "cut"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    # SIGINT back to its default in the child (a backgrounded `make test` starts children with SIGINT ignored)
+    proc = subprocess.Popen(cmd("cut"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(1.0)  # into epoch 2: past its first training rows
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, f"the run was meant to be interrupted but finished:\n{out[-3000:]}"
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+    interrupted_rows = _csv_rows(run_dir / "csv" / "metrics.csv")
+    assert any(r["val/pa_mpjpe"] for r in interrupted_rows), "no validation before the interrupt"
+
+    resumed = train("cut")
+    assert "Resuming stage1/cut from" in resumed
+    full = torch.load(tmp_path / "out/stage1/full/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    cut = torch.load(last, map_location="cpu", weights_only=False)
+    for key in ("state_dict", "current_model_state"):  # the EMA weights and the raw ones
+        assert full[key].keys() == cut[key].keys()
+        differ = [k for k in full[key] if not torch.equal(full[key][k], cut[key][k])]
+        assert not differ, f"{key}: {len(differ)} tensors differ after the resume, e.g. {differ[:3]}"
+    full_rows = _csv_rows(tmp_path / "out" / "stage1" / "full" / "csv" / "metrics.csv")
+    assert _csv_rows(run_dir / "csv" / "metrics.csv") == full_rows
+    assert len(full_rows) > len([r for r in interrupted_rows if r["epoch"] in ("", "0")])

@@ -100,6 +100,7 @@ def test_resume_false_starts_fresh_and_keeps_old_checkpoints(tmp_path):
     assert "from scratch" in proc.stdout
     run_dir = tmp_path / "out" / "toy" / "r"
     assert list(run_dir.glob("checkpoints.prev-*")), "earlier checkpoints were not kept"
+    assert list((run_dir / "csv").glob("metrics.prev-*.csv")), "the earlier metrics.csv was not kept"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
 
 

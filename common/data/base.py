@@ -145,7 +145,8 @@ class BaseDataModule(L.LightningDataModule):
         return self.datasets[role]
 
     def _loader(self, dataset: Dataset, sampler: RandomSampler | None, drop_last: bool) -> DataLoader:
-        if isinstance(sampler, EpochSeededRandomSampler):
+        training = isinstance(sampler, EpochSeededRandomSampler)
+        if training:
             generator = sampler.loader_generator
         else:  # evaluation loaders: fixed worker seeds, and no draw from the global RNG
             generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
@@ -155,7 +156,10 @@ class BaseDataModule(L.LightningDataModule):
             batch_size=self.per_rank_batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            # Training workers are never persistent: a persistent worker carries its random stream (augmentation)
+            # from one epoch into the next, which a run resumed at an epoch boundary cannot reproduce (its
+            # workers start fresh); new workers per epoch are seeded from (seed, epoch) by the sampler.
+            persistent_workers=self.persistent_workers and self.num_workers > 0 and not training,
             pin_memory=self.pin_memory,
             drop_last=drop_last,
             collate_fn=self.collate_fn,
