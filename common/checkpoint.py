@@ -107,6 +107,9 @@ def _torch_load(path: Path, allow_pickle: bool) -> object:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as retry_err:
             raise ValueError(f"could not read {path} as a torch file: {retry_err}") from retry_err
+    except Exception as err:  # torch's own errors (a truncated zip archive, EOF) do not name the file
+        raise ValueError(f"could not read {path} as a torch file (truncated or corrupt? "
+                         f"{type(err).__name__}: {err})") from err
     log.warning(
         "%s holds pickled Python objects besides tensors (e.g. hyper-parameters); "
         "read with weights_only=False — only load checkpoints you trust",

@@ -216,8 +216,11 @@ def _read_model_file(path: Path) -> dict[str, np.ndarray]:
     if path.suffix.lower() == ".pkl":
         raw = read_mano_pkl(path)
     else:
-        with np.load(path, allow_pickle=False) as npz:
-            raw = {key: npz[key] for key in npz.files}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                raw = {key: npz[key] for key in npz.files}
+        except Exception as err:  # noqa: BLE001 - numpy / zipfile / zlib errors of a truncated or corrupt file
+            raise ValueError(f"MANO model file {path}: unreadable ({type(err).__name__}: {err})") from err
     return _checked_arrays(raw, str(path))
 
 

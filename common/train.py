@@ -158,7 +158,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    resume_step = _ckpt_progress(ckpt_path)[1] if ckpt_path else None
+    resume_step = None
+    if ckpt_path:
+        _, resume_step, unreadable = _ckpt_progress(ckpt_path)
+        if unreadable:
+            raise ValueError(
+                f"cannot resume from {ckpt_path}: the file is unreadable (truncated or corrupt? {unreadable}). "
+                "Move it away to resume from another checkpoint (ckpt_path=...), or start fresh with resume=false")
     loggers = build_loggers(cfg, fresh_over_existing=existed_before and ckpt_path is None, resume_step=resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      default_root_dir=str(out))

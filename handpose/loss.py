@@ -94,7 +94,8 @@ class HandPoseLoss(nn.Module):
             GROUND-TRUTH global orientation, so they supervise articulation only. With the predicted orientation
             an orientation error is partly "paid for" by bending the fingers (measured here: Stage 1's PA-MPJPE
             got worse than the mean pose's while MPJPE improved). The orientation still learns from the ``pose``
-            and ``joints_2d`` terms; camera-space outputs and metrics always use the full prediction.
+            and ``joints_2d`` terms; camera-space outputs and metrics always use the full prediction. Off here,
+            on in every hand config (``configs/model/handpose_stage1.yaml``).
         mano_model_path, flat_hand_mean: MANO model for forward kinematics; must match the data's convention
             (``None`` = the procedural hand).
         heatmap_2d_sigma: width (in heatmap cells) of the Gaussian target of the ``heatmap_2d`` term.
@@ -181,7 +182,7 @@ class HandPoseLoss(nn.Module):
         else:
             trans_target = translation.encode(last["mano_trans"], joints_cam_gt[..., WRIST, :], last["focal"],
                                               last["princpt"])
-            trans_pred_scaled = trans_pred
+            trans_pred_scaled = trans_pred.clone()  # an output of its own, never the caller's tensor
         trans_ce = []
         for axis, (log_hm, centers) in enumerate(zip(log_heatmaps, translation.centers)):
             target = bin_target(trans_target[..., axis], centers.to(log_hm), self.heatmap_sigma)

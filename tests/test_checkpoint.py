@@ -322,3 +322,15 @@ def test_corrupt_files_are_reported_with_their_name(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match=r"broken\.pt"):
         read_state_dict(tmp_path / "broken.pt")
+
+
+def test_truncated_torch_checkpoint_is_an_error_naming_the_file(tmp_path):
+    """A checkpoint cut short (a run killed while saving): torch's own error names no file."""
+    path = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": Net().state_dict(), "epoch": 3}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"could not read .*cut\.ckpt as a torch file \(truncated or corrupt"):
+        read_state_dict(path)
+    with pytest.raises(ValueError, match=r"cut\.ckpt"):
+        load_weights(Net(), path)

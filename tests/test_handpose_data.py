@@ -311,6 +311,14 @@ def test_sequence_shorter_than_the_window_is_an_error_naming_it(tiny_root):
         HandWindowDataset(tiny_root, "train", num_frame=13)
 
 
+def test_truncated_annotation_file_is_an_error_naming_file_and_sequence(broken_root):
+    npz = broken_root / "seq_0000" / "annotations.npz"
+    data = npz.read_bytes()
+    npz.write_bytes(data[: len(data) // 3])
+    with pytest.raises(SequenceFormatError, match=r"seq_0000.*cannot read .*seq_0000/annotations\.npz"):
+        HandWindowDataset(broken_root, "train")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_frame_is_a_counted_logged_skip(broken_root, caplog, damage):
     ds = HandWindowDataset(broken_root, "train", num_frame=1, img_size=32)

@@ -260,3 +260,14 @@ def test_gt_root_fk_terms_supervise_articulation_only(mano):
     assert wrong_root.grad[..., :3].abs().max() == 0  # the FK terms do not train the global orientation
     # the default (predicted root in FK) does see the orientation error through the joints
     assert HandPoseLoss()(pred, batch, BINS)["terms"]["joints"].item() > 1e-3
+
+
+def test_outputs_are_not_aliases_of_the_prediction(mano):
+    """Editing an output in place must not write into the caller's prediction."""
+    batch = make_hand_batch(2, 1, mano=mano)
+    (pose, shape, trans), heatmaps = gt_prediction(batch)
+    before = trans.clone()
+    out = HandPoseLoss()(HandPrediction(ManoParams(pose, shape, trans), heatmaps), batch, BINS)
+    with torch.no_grad():
+        out["trans_pred_scaled"].add_(1.0)
+    assert torch.equal(trans, before)

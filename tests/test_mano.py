@@ -425,3 +425,14 @@ def test_file_named_for_other_hand_is_refused(tmp_path):
     np.savez(path, **_perturbed_arrays())
     with pytest.raises(ValueError, match="left hand"):
         load_mano_arrays(path, "right")
+
+
+def test_truncated_mano_npz_is_an_error_naming_the_file(tmp_path):
+    from common.mano import load_mano_arrays
+
+    path = tmp_path / "MANO_RIGHT.npz"
+    np.savez(path, **load_mano_arrays(None, "right"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"MANO model file .*MANO_RIGHT\.npz: unreadable"):
+        load_mano_arrays(path, "right")

@@ -76,6 +76,15 @@ def test_interrupted_run_resumed_by_same_command_equals_uninterrupted(tmp_path):
     assert (tmp_path / "out" / "toy" / "cut" / "csv" / "metrics.csv").is_file()
 
 
+def test_resume_from_a_truncated_last_checkpoint_fails_naming_it(tmp_path):
+    _train(tmp_path, "run_name=t", "trainer.max_epochs=1", "logger=csv", "test_after_fit=false")
+    last = tmp_path / "out" / "toy" / "t" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    proc = _train(tmp_path, "run_name=t", "trainer.max_epochs=2", "logger=csv", check=False)
+    assert proc.returncode != 0
+    assert f"cannot resume from {last}: the file is unreadable" in proc.stderr + proc.stdout
+
+
 def test_explicit_resume_without_checkpoint_fails_clearly(tmp_path):
     proc = _train(tmp_path, "run_name=nothing_here", "ckpt_path=last", "logger=csv", check=False)
     assert proc.returncode != 0

@@ -243,8 +243,8 @@ def read_sequence(folder: str | Path, check_frames: bool = True) -> HandSequence
     try:
         with np.load(folder / ANNOTATION_FILE, allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files if k in ARRAY_SPECS or k in OPTIONAL_ARRAY_SPECS}
-    except (OSError, ValueError) as e:
-        raise _fail(where, f"cannot read {ANNOTATION_FILE}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - numpy / zipfile / zlib errors of a truncated or corrupt file
+        raise _fail(where, f"cannot read {folder / ANNOTATION_FILE} ({type(e).__name__}: {e})") from e
     image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
     arrays = validate_arrays(raw, image_size, where)
     n = len(arrays["timestamp"])
