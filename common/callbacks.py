@@ -129,7 +129,6 @@ class RNGStateCallback(pl.Callback):
                 pass  # different number of devices: keep the freshly seeded CUDA state
         self._pending = None
 
-
     @staticmethod
     def _restart_train_iterator(trainer) -> None:
         loop = trainer.fit_loop

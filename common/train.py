@@ -69,15 +69,10 @@ def _ckpt_progress(path: str) -> tuple[int | None, int | None, str | None]:
     """-> (epoch, global step, error) of a Lightning checkpoint; (None, None, message) when unreadable."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - description only; fit() reports real load errors
+    except Exception as err:  # noqa: BLE001 - the caller names the file and says what to do
         return None, None, str(err)
     epoch, step = ck.get("epoch"), ck.get("global_step")
     return (int(epoch) if epoch is not None else None), (int(step) if step is not None else None), None
-
-
-def _describe_ckpt(path: str) -> str:
-    epoch, step, err = _ckpt_progress(path)
-    return f"unreadable header: {err}" if err else f"epoch {epoch}, global step {step}"
 
 
 def build_loggers(cfg: DictConfig, fresh_over_existing: bool, resume_step: int | None = None) -> list:
@@ -146,11 +141,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     existed_before = (out / "checkpoints").is_dir()
     ckpt_path = resolve_ckpt_path(cfg)
+    resume_epoch = resume_step = None
+    if ckpt_path:  # read once: the line below and the CSV logger (which keeps the rows before resume_step)
+        resume_epoch, resume_step, unreadable = _ckpt_progress(ckpt_path)
+        if unreadable:
+            raise ValueError(
+                f"cannot resume from {ckpt_path}: the file is unreadable (truncated or corrupt? {unreadable}). "
+                "Move it away to resume from another checkpoint (ckpt_path=...), or start fresh with resume=false")
     if _is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         if ckpt_path:
-            print(f"Resuming {cfg.experiment_name}/{cfg.run_name} from {ckpt_path} ({_describe_ckpt(ckpt_path)})")
+            print(f"Resuming {cfg.experiment_name}/{cfg.run_name} from {ckpt_path} "
+                  f"(epoch {resume_epoch}, global step {resume_step})")
         else:
             print(f"Starting {cfg.experiment_name}/{cfg.run_name} from scratch; run folder {out}")
 
@@ -158,13 +161,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    resume_step = None
-    if ckpt_path:
-        _, resume_step, unreadable = _ckpt_progress(ckpt_path)
-        if unreadable:
-            raise ValueError(
-                f"cannot resume from {ckpt_path}: the file is unreadable (truncated or corrupt? {unreadable}). "
-                "Move it away to resume from another checkpoint (ckpt_path=...), or start fresh with resume=false")
     loggers = build_loggers(cfg, fresh_over_existing=existed_before and ckpt_path is None, resume_step=resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      default_root_dir=str(out))
