@@ -10,7 +10,7 @@ import fnmatch
 import json
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +143,7 @@ class LoadReport:
 
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    expected_missing: list[str] = field(default_factory=list)  # missing, and matching ``expected_missing``
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
 
@@ -152,6 +153,8 @@ class LoadReport:
 
     def summary(self, limit: int = 5) -> str:
         parts = [f"loaded {len(self.loaded)}"]
+        if self.expected_missing:
+            parts.append(f"{len(self.expected_missing)} expected-missing")
         for name, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             parts.append(f"{len(keys)} {name}" + (f" {_preview(keys, limit)}" if keys else ""))
         shapes = [f"{k}: ckpt {c} vs model {m}" for k, c, m in self.mismatched]
@@ -185,6 +188,8 @@ def load_weights(
     prefix_map: Mapping[str, str] | None = None,
     strict: bool = False,
     include: str | None = None,
+    expected_missing: Sequence[str] = (),
+    min_loaded_fraction: float = 0.5,
 ) -> LoadReport:
     """Copy the checkpoint's tensors into ``module`` where names and shapes match, and report the rest.
 
@@ -192,6 +197,11 @@ def load_weights(
     leading part (``{"net.": ""}`` loads a LightningModule's ``net`` into the bare network). Module keys are
     matched the same way, so a compiled target works too. ``include`` is a glob on the resulting names
     (``"backbone.*"``): keys outside it are neither loaded nor reported. Shape mismatches are never loaded.
+    ``expected_missing``: globs of module keys the checkpoint is not meant to have (a Stage 2 network's temporal
+    encoder in a Stage 1 checkpoint): reported apart, and a load that lacks only those is clean (logged at INFO).
+    A load in which fewer than ``min_loaded_fraction`` of the module's tensors that should load do (the rest
+    shape-mismatched or missing: a checkpoint of another architecture or size, whose few loadable tensors are
+    counters and biases) raises ``ValueError`` before touching the module; 0 disables the check.
     ``strict=True`` raises ``RuntimeError`` before touching the module unless everything matches.
     """
     source = read_state_dict(path)
@@ -227,10 +237,22 @@ def load_weights(
             to_load[model_key] = tensor
             report.loaded.append(name)
     matched = set(to_load) | {model_keys[name] for name, _, _ in report.mismatched}
-    report.missing = [strip_wrappers(k) for k in target if k not in matched and in_scope(strip_wrappers(k))]
+    for key in target:
+        name = strip_wrappers(key)
+        if key in matched or not in_scope(name):
+            continue
+        expected = any(fnmatch.fnmatchcase(name, pattern) for pattern in expected_missing)
+        (report.expected_missing if expected else report.missing).append(name)
 
     if strict and not report.clean:
         raise RuntimeError(f"strict load of {path} failed:\n{_strict_listing(report)}")
+    should_load = len(report.loaded) + len(report.mismatched) + len(report.missing)
+    if should_load and len(report.loaded) < min_loaded_fraction * should_load:
+        raise ValueError(
+            f"{path}: only {len(report.loaded)} of the {should_load} tensors this {type(module).__name__} needs "
+            f"load ({len(report.mismatched)} shape-mismatched, {len(report.missing)} missing): the checkpoint is "
+            f"of another architecture or size; nothing was loaded.\n{_strict_listing(report)}"
+        )
     module.load_state_dict(to_load, strict=False)
     level = logging.INFO if report.clean else logging.WARNING
     log.log(level, "weights from %s: %s", path, report.summary())

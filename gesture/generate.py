@@ -18,7 +18,7 @@ from torch import nn
 from common.shapes import expect_shape
 from gesture.data.audio import frame_bounds
 from gesture.data.textgrid import PAD
-from gesture.layout import PARTS, POSE_DIM, VQ_PARTS
+from gesture.layout import GLOBAL_ROT_DIM, PARTS, POSE_DIM, VQ_PARTS
 from gesture.models.mamba import MambaState
 from gesture.models.mambatalk import GeneratorOutput, MambaStream, MambaTalk
 from gesture.models.vqvae import VQVAE
@@ -54,7 +54,8 @@ class GestureModel(nn.Module):
     output: per-frame codes turn slow motion into a staircase of held frames and jumps, which the frozen decoder
     does not smooth; see ``MambaTalkModule(latent_target=...)``).
     ``edge_pad``: frames of edge replication around a decoded window (see ``decode``).
-    ``boundary_blend``: in ``generate``, each later window's continuous codes and global part are shifted to
+    ``boundary_blend``: in ``generate``, each later window's continuous codes and global rotation (not the foot
+    contact, a 0 / 1 decision) are shifted to
     continue from the frame before it, the shift fading out over this many frames (0 = off): windows are
     generated separately and otherwise jump where they meet.
     """
@@ -123,11 +124,6 @@ class GestureModel(nn.Module):
             z_q = torch.cat([z_q[:, :1].expand(-1, pad, -1), z_q, z_q[:, -1:].expand(-1, pad, -1)], dim=1)
         decoded = self.vqvaes[part].decode(z_q)
         return decoded[:, pad:decoded.shape[1] - pad]
-
-    def decode(self, indices: Mapping[str, torch.Tensor], global_motion: torch.Tensor) -> torch.Tensor:
-        """``{part: [b, t]}`` codes and ``global_motion [b, t, 7]`` -> normalised motion ``[b, t, 320]``."""
-        return self.decode_codes({p: self.vqvaes[p].quantizer.get_codebook_entry(indices[p]) for p in VQ_PARTS},
-                                 global_motion)
 
     def decode_codes(self, codes: Mapping[str, torch.Tensor], global_motion: torch.Tensor) -> torch.Tensor:
         """``{part: [b, t, code_dim]}`` code vectors and ``global_motion [b, t, 7]`` -> motion ``[b, t, 320]``."""
@@ -296,8 +292,12 @@ def generate(
                 last = w.start + keep - 1
                 new_codes = {p: (continue_from(c, codes_out[p][:, last], keep, model.boundary_blend)
                                  if model.decode_from[p] == "continuous" else c) for p, c in new_codes.items()}
-                new_global = continue_from(new_global, motion_out[:, last, PARTS["global"]], keep,
-                                           model.boundary_blend)
+                # Only the rotation is continuous: foot contact is a decision (0 / 1), never blended.
+                rot = slice(0, GLOBAL_ROT_DIM)
+                new_global = torch.cat([
+                    continue_from(new_global[..., rot], motion_out[:, last, PARTS["global"]][..., rot], keep,
+                                  model.boundary_blend),
+                    new_global[..., GLOBAL_ROT_DIM:]], dim=-1)
             codes_w = {p: torch.cat([codes_out[p][:, w.start:w.start + keep], new_codes[p][:, keep:]], dim=1)
                        for p in VQ_PARTS}
             global_w = torch.cat([motion_out[:, w.start:w.start + keep, PARTS["global"]],
@@ -315,13 +315,6 @@ def generate(
         windows=windows,
         boundaries=[w.first_new for w in windows[1:]],
     )
-
-
-def window_audio_bounds(windows: list[Window], n_frames: int, sr: int = 16000, fps: float = 30.0
-                        ) -> list[tuple[int, int]]:
-    """Sample range ``(bounds[start], bounds[stop])`` each window's audio is sliced at (``frame_bounds``)."""
-    bounds = frame_bounds(max(n_frames, max(w.stop for w in windows)), sr, fps)
-    return [(int(bounds[w.start]), int(bounds[w.stop])) for w in windows]
 
 
 def seed_from_mean(batch: int, pre_frames: int, device=None, dtype=torch.float32) -> torch.Tensor:

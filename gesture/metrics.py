@@ -210,12 +210,6 @@ def boundary_jumps(x: np.ndarray, boundaries: Sequence[int]) -> np.ndarray:
     return change[idx] / ref
 
 
-def window_boundaries(num_frames: int, hop: int = 60, pre_frames: int = 4) -> list[int]:
-    """First freshly generated frame of every window after the first, for the MambaTalk test loop (windows every
-    ``hop`` frames whose first ``pre_frames`` are seeded from the previous window): ``k * hop + pre_frames``."""
-    return [b for b in range(hop + pre_frames, num_frames, hop)]
-
-
 # ------------------------------------------------------------------------------------------ GestureMetrics
 @dataclass
 class ClipStats:
@@ -392,7 +386,7 @@ class GestureMetrics:
     ) -> None:
         """Add clips: ``pred, gt [T, 320]`` or ``[b, T, 320]`` raw motion (same shape); per clip optionally
         ``wave [S]`` (or ``[b, S]`` / a list) at ``sr`` or ready ``onsets`` in seconds (a list for a batch),
-        ``boundaries`` (frame indices where a new generated window starts, see ``window_boundaries``) and ``names``.
+        ``boundaries`` (frame indices where a new generated window starts: ``gesture.generate.Generation.boundaries``) and ``names``.
 
         ``names`` must identify a clip (or window: ``f"{clip}@{start}"``) uniquely: clips of the same name count
         once (a DDP sampler pads its last batch with repeats). Anonymous clips are never merged.

@@ -291,13 +291,21 @@ class MambaTalkModule(L.LightningModule):
         self.configure_model()
         ckpt = self.hparams.fgd_encoder
         if ckpt is not None and self.val_metrics.encoder(POSE_DIM) is None and self._trainer is not None:
-            # FGD is skipped (GestureMetrics warned once, naming the reason); training goes on, and checkpoints
-            # that were to follow val/fgd follow the validation loss instead.
-            for cb in self.trainer.checkpoint_callbacks:
-                if getattr(cb, "monitor", None) == "val/fgd":
-                    cb.monitor = "val/loss"
-                    log.warning("FGD is unavailable (motion encoder %s): the best checkpoint now tracks val/loss; "
-                                "train the encoder with `make train-fgd` to get FGD", ckpt)
+            # FGD is skipped (GestureMetrics warned once, naming the reason)
+            self._monitor_without_fgd(f"motion encoder {ckpt} unusable")
+
+    def _monitor_without_fgd(self, reason: str) -> None:
+        """Training goes on without FGD: checkpoints that were to follow val/fgd follow the validation loss
+        instead (one warning), whatever made FGD unavailable: no usable encoder at setup, an encoder window
+        longer than the validation windows (no FGD window), an encoder that failed during a validation."""
+        if self._trainer is None:
+            return
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "monitor", None) == "val/fgd":
+                cb.monitor = "val/loss"
+                log.warning("FGD is unavailable (%s): the best checkpoint now tracks val/loss; train the encoder "
+                            "with `make train-fgd` (data.pose_length no longer than the generator's) to get FGD",
+                            reason)
 
     def configure_model(self) -> None:
         """Build the generator from the data sizes (idempotent). Callbacks may call it before ``setup`` (Lightning's
@@ -437,7 +445,17 @@ class MambaTalkModule(L.LightningModule):
                       "parameters: prediction above ground truth")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics.compute())
+        metrics = self.val_metrics.compute()
+        if "fgd" not in metrics and not self.trainer.sanity_checking:
+            if self.hparams.fgd_encoder is None:
+                reason = "model.fgd_encoder is null"
+            elif not self.val_metrics.fgd_enabled:
+                reason = "the motion encoder failed during validation, see the warning above"
+            else:
+                reason = (f"fewer than 2 FGD windows: the motion encoder reads windows of "
+                          f"{self.val_metrics.encoder(POSE_DIM).window} frames, the validation clips are shorter")
+            self._monitor_without_fgd(reason)
+        self._log_metrics("val", metrics)
         self.val_metrics.reset()
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

@@ -6,6 +6,7 @@ runs on that one frame. Metrics live in handpose.metrics; the network in handpos
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -19,6 +20,8 @@ from handpose.model.decoder import NUM_POSE_JOINTS, POSE_DIM, SHAPE_DIM, HandPre
 LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d", "keypoints_2d", "heatmap_2d")
 DEFAULT_WEIGHTS = {"pose": 1.0, "shape": 0.1, "trans": 0.1, "joints": 10.0, "verts": 10.0, "joints_2d": 1.0,
                    "keypoints_2d": 0.0, "heatmap_2d": 0.0}
+log = logging.getLogger(__name__)
+
 WRIST = JOINT_NAMES_21.index("wrist")
 # Hand scale for ``norm_by_hand``: length of the wrist -> middle-finger MCP bone.
 SCALE_BONE = (WRIST, JOINT_NAMES_21.index("middle_mcp"))
@@ -123,6 +126,7 @@ class HandPoseLoss(nn.Module):
         self.detach_shape_in_fk = detach_shape_in_fk
         self.gt_root_in_fk_terms = gt_root_in_fk_terms
         self.heatmap_2d_sigma = float(heatmap_2d_sigma)
+        self.num_trans_out_of_range = 0  # valid samples whose GT translation the bins cannot hold (warned once)
         self.mano = ManoLayer(model_path=mano_model_path, side="right", flat_hand_mean=flat_hand_mean)
         with torch.no_grad():
             mean_hand = self.mano(torch.zeros(1, POSE_DIM), torch.zeros(1, SHAPE_DIM)).joints
@@ -183,6 +187,7 @@ class HandPoseLoss(nn.Module):
             trans_target = translation.encode(last["mano_trans"], joints_cam_gt[..., WRIST, :], last["focal"],
                                               last["princpt"])
             trans_pred_scaled = trans_pred.clone()  # an output of its own, never the caller's tensor
+        self._count_out_of_range(trans_target, translation, last["valid"])
         trans_ce = []
         for axis, (log_hm, centers) in enumerate(zip(log_heatmaps, translation.centers)):
             target = bin_target(trans_target[..., axis], centers.to(log_hm), self.heatmap_sigma)
@@ -242,6 +247,27 @@ class HandPoseLoss(nn.Module):
             "verts_cam_gt": verts_cam_gt,
             "joints_2d_pred": joints_2d_pred,
         }
+
+    def _count_out_of_range(self, trans_target: torch.Tensor, translation: TranslationBins,
+                            valid: torch.Tensor) -> None:
+        """Counts valid samples whose ground-truth translation lies outside the bin range on some axis (their
+        classification target is the edge bin: the network cannot express it) and warns on the first."""
+        with torch.no_grad():
+            lows = torch.stack([c[0] for c in translation.centers]).to(trans_target)
+            highs = torch.stack([c[-1] for c in translation.centers]).to(trans_target)
+            outside = ((trans_target < lows) | (trans_target > highs)).any(dim=-1) & valid.bool()  # [b, 1]
+            count = int(outside.sum())
+        if not count:
+            return
+        if not self.num_trans_out_of_range:
+            value = trans_target[outside][0].tolist()
+            log.warning(
+                "ground-truth translation outside the translation bins (%s space, x %s, y %s, z %s): %s; such "
+                "targets are clamped to the edge bin. Widen model.net.decoder.trans_bins if this is common (the "
+                "count is in HandPoseLoss.num_trans_out_of_range; warned once)", translation.space,
+                *[f"[{lo:.3g}, {hi:.3g}]" for lo, hi in zip(lows.tolist(), highs.tolist())],
+                [round(v, 4) for v in value])
+        self.num_trans_out_of_range += count
 
     def lift_terms(self, pose_pred: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The ``pose`` and ``joints`` terms (same definitions as :meth:`forward`) for the lifting batch:

@@ -84,8 +84,8 @@ def test_stage1_then_stage2_through_the_entrypoint(tmp_path):
         metrics = json.loads((tmp_path / "out" / stage / stage / "metrics.json").read_text())
         assert {"val/mpjpe", "val/pa_mpjpe", "test/mpjpe"} <= set(metrics)
     stage1_ckpt = tmp_path / "out" / "stage1" / "stage1" / "checkpoints" / "last.ckpt"
-    assert f"stage1 weights from {stage1_ckpt}" in logs["stage2"]
-    assert "expected-missing (the temporal encoder)" in logs["stage2"]
+    load_lines = [line for line in logs["stage2"].splitlines() if f"weights from {stage1_ckpt}" in line]
+    assert load_lines and all("expected-missing" in line and "WARNING" not in line for line in load_lines)
     # Stage 2 froze the backbone: its backbone weights are Stage 1's, bit for bit
     ckpt1 = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)
     s1 = ckpt1["state_dict"]

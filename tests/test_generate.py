@@ -16,9 +16,8 @@ from gesture.generate import (
     generate,
     join_parts,
     plan_windows,
-    window_audio_bounds,
 )
-from gesture.layout import PARTS, POSE_DIM, VQ_PARTS
+from gesture.layout import PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
 
@@ -157,9 +156,9 @@ def test_sample_rate_audio_is_sliced_at_exact_frame_bounds():
     generate(model, audio, words, speaker, gt, n, sr=sr, fps=fps)
     windows = plan_windows(n, L, PRE)
     assert len(seen) == len(windows)
-    for (first, length), w, (lo, hi) in zip(seen, windows, window_audio_bounds(windows, n, sr, fps)):
-        assert first == lo == exact_bound(w.start)
-        assert length == hi - lo == exact_bound(w.stop) - exact_bound(w.start)
+    for (first, length), w in zip(seen, windows):
+        assert first == exact_bound(w.start)
+        assert length == exact_bound(w.stop) - exact_bound(w.start)
     late = max(abs(533 * w.start - exact_bound(w.start)) for w in windows)
     assert late > sr / fps  # the fixed-hop scheme drifts by more than a frame; ours is exact everywhere
     with pytest.raises(ValueError, match="need exactly"):
@@ -189,12 +188,12 @@ def test_generation_restores_the_training_mode():
 def test_edge_padding_removes_decoder_edge_artefacts():
     """A window of one repeated code decodes to the same frame everywhere once its edges are padded."""
     model = tiny_model()
-    idx = {p: torch.full((1, 20), 3) for p in VQ_PARTS}
+    codes = {p: model.vqvaes[p].quantizer.get_codebook_entry(torch.full((1, 20), 3)) for p in VQ_PARTS}
     glob = torch.zeros(1, 20, PARTS["global"].stop - PARTS["global"].start)
-    padded = model.decode(idx, glob)
+    padded = model.decode_codes(codes, glob)
     torch.testing.assert_close(padded, padded[:, 10:11].expand_as(padded), atol=1e-6, rtol=0)
     model.edge_pad = 0
-    unpadded = model.decode(idx, glob)
+    unpadded = model.decode_codes(codes, glob)
     assert not torch.allclose(unpadded[:, 0], unpadded[:, 10], atol=1e-4)  # the zero padding shows at the ends
     torch.testing.assert_close(unpadded[:, 10], padded[:, 10], atol=1e-6, rtol=0)
 
@@ -272,3 +271,17 @@ def test_boundary_blend_makes_later_windows_continue_from_the_previous_one():
     assert (jumps[8] < jumps[0]).all(), jumps
     # the first window is not touched
     torch.testing.assert_close(out.motion[:, :out.boundaries[0]], first.motion[:, :first.boundaries[0]])
+
+
+def test_boundary_blend_leaves_classified_foot_contact_a_decision():
+    """The blend shifts continuous channels only: classified contact stays exactly 0 / 1 after every boundary
+    (blending the whole global slice gave values like 0.11 for the blend's frames)."""
+    n = L + 2 * HOP + 17
+    audio, words, speaker, gt = clip_inputs(n)
+    model = tiny_model(decode_from=CONTINUOUS)
+    mean, std = torch.tensor([0.3, 0.5, 0.2, 0.6]), torch.tensor([0.5, 0.4, 0.3, 0.45])
+    model.generator.set_contact_stats(mean, std)
+    model.boundary_blend = 8
+    out = generate(model, audio, words, speaker, gt[:, :PRE], n)
+    raw = out.motion[0, PRE:, SUB_SLICES["contact"]] * std + mean
+    assert ((raw - 0).abs() < 1e-5).logical_or((raw - 1).abs() < 1e-5).all(), raw[(raw > 1e-5) & (raw < 1 - 1e-5)]

@@ -120,6 +120,9 @@ def test_fit_to_frames_pads_one_frame_and_rejects_more():
     assert len(fit_to_frames(np.zeros(need + 999, np.float32), 90, sr, fps)) == need
     with pytest.raises(ValueError, match="shorter than the motion"):
         fit_to_frames(np.zeros(need - 600, np.float32), 90, sr, fps)
+    with pytest.raises(ValueError, match=r"1\.200x the motion .* captured at 25 fps"):
+        fit_to_frames(np.zeros(int(need * 1.2), np.float32), 90, sr, fps)
+    assert len(fit_to_frames(np.zeros(int(need * 1.2), np.float32), 90, sr, fps, max_excess=None)) == need
 
 
 def test_foot_contact_speed_threshold():
@@ -146,6 +149,7 @@ def test_words_per_frame_and_vocabulary(tiny):
 
 # ---------------------------------------------------------------------------------------------------- cache
 def test_cache_rebuilds_on_config_or_file_change_only(tiny, tmp_path):
+    """Keyed on content: a same-size edit that keeps the modification time rebuilds; a touch alone does not."""
     corpus, cache_dir = _copy(tiny, tmp_path), tmp_path / "cache"
     first = build_gesture_cache(corpus, cache_dir)
     assert first.built
@@ -154,6 +158,13 @@ def test_cache_rebuilds_on_config_or_file_change_only(tiny, tmp_path):
     wav = corpus / "wave16k" / f"{VICTIM}.wav"
     st = wav.stat()
     os.utime(wav, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert not build_gesture_cache(corpus, cache_dir).built  # same bytes
+    data = bytearray(wav.read_bytes())
+    data[-2:] = bytes([data[-2] ^ 0x55, data[-1] ^ 0x55])  # the last sample changes, the size does not
+    st = wav.stat()
+    wav.write_bytes(bytes(data))
+    os.utime(wav, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert wav.stat().st_size == st.st_size and wav.stat().st_mtime_ns == st.st_mtime_ns
     touched = build_gesture_cache(corpus, cache_dir)
     assert touched.built and touched.path != first.path and not first.path.exists()  # stale one removed
     assert not build_gesture_cache(corpus, cache_dir).built
@@ -170,6 +181,12 @@ def _truncate_wav(p: Path) -> None:
 def _short_wav(p: Path) -> None:
     wave, sr = sf.read(str(p), dtype="float32")
     sf.write(str(p), wave[: len(wave) // 2], sr, subtype="PCM_16")
+
+
+def _long_wav(p: Path) -> None:
+    """The audio of a clip whose motion was captured at 25 fps and has no fps key: 1.2x the motion read at 30."""
+    wave, sr = sf.read(str(p), dtype="float32")
+    sf.write(str(p), np.concatenate([wave, wave[: len(wave) // 5]]), sr, subtype="PCM_16")
 
 
 def _edit_npz(p: Path, fn) -> None:
@@ -195,11 +212,16 @@ DEFECTS = {
                        "wav", "unreadable"),
     "truncated_wav": (lambda c: _truncate_wav(c / "wave16k" / f"{VICTIM}.wav"), "wav", "truncated"),
     "short_audio": (lambda c: _short_wav(c / "wave16k" / f"{VICTIM}.wav"), "wav", "shorter than the motion"),
+    "motion_at_another_rate": (lambda c: _long_wav(c / "wave16k" / f"{VICTIM}.wav"), "wav",
+                               r"1\.2\d*x the motion.*captured at 2[45]"),
     "missing_key": (lambda c: _edit_npz(c / "mhr_30" / f"{VICTIM}.npz", lambda d: d.pop("expr_params")),
                     "expr_params", "missing key"),
     "wrong_shape": (lambda c: _edit_npz(c / "mhr_30" / f"{VICTIM}.npz",
                                         lambda d: d.update(hand_pose_params=d["hand_pose_params"][:, :100])),
                     "hand_pose_params", "shape"),
+    "trailing_axis": (lambda c: _edit_npz(c / "mhr_30" / f"{VICTIM}.npz",
+                                          lambda d: d.update(body_pose_params=d["body_pose_params"][..., None])),
+                      "body_pose_params", r"shape \(\d+, 133, 1\), expected \(N, 133\)"),
     "nan_frames": (lambda c: _edit_npz(c / "mhr_30" / f"{VICTIM}.npz", _nan_frames), "body_pose_params",
                    "non-finite"),
     "malformed_textgrid": (lambda c: (c / "textgrid" / f"{VICTIM}.TextGrid").write_text("File type = garbage\n"),

@@ -319,14 +319,27 @@ def test_truncated_annotation_file_is_an_error_naming_file_and_sequence(broken_r
         HandWindowDataset(broken_root, "train")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def _damage_scan_data(data: bytes) -> bytes:
+    """The middle third of the entropy-coded scan overwritten with bytes that are never a marker (no 0xFF):
+    every marker stays intact, so only a decoder that checks its data notices."""
+    sos, eoi = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    start, stop = sos + (eoi - sos) // 3, sos + 2 * (eoi - sos) // 3
+    junk = bytes(np.random.default_rng(0).integers(0, 255, stop - start, dtype=np.uint8))
+    return data[:start] + junk + data[stop:]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "scan"])
 def test_corrupt_frame_is_a_counted_logged_skip(broken_root, caplog, damage):
     ds = HandWindowDataset(broken_root, "train", num_frame=1, img_size=32)
     seq = ds.sequences[0]
     frame = int(np.flatnonzero(seq["valid"])[3])
     path = seq.frame_path(frame)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else bytes(range(256)) * 4)
+    damaged = {"truncate": data[: len(data) // 2], "garbage": bytes(range(256)) * 4,
+               "scan": _damage_scan_data(data)}[damage]
+    if damage == "scan":  # OpenCV decodes it into an image of the right size without an error
+        assert cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR).shape == (*seq.image_size[::-1], 3)
+    path.write_bytes(damaged)
     i = next(k for k in range(len(ds)) if ds.index[k].stop - 1 == frame)
     with caplog.at_level(logging.WARNING, logger="handpose.data.dataset"):
         sample = ds[i]
@@ -335,6 +348,23 @@ def test_corrupt_frame_is_a_counted_logged_skip(broken_root, caplog, damage):
     neighbour = ds[i + 1]  # the search order is i, i + 1, i - 1, ...
     np.testing.assert_array_equal(sample["joints_cam"], neighbour["joints_cam"])
     assert ds.num_skipped == 1
+
+
+def test_skips_count_windows_once_each(broken_root):
+    """One unreadable frame makes every window that contains it unloadable: each counts once, however often it
+    is asked for (two passes over the data)."""
+    ds = HandWindowDataset(broken_root, "train", num_frame=3, img_size=32)
+    seq = ds.sequences[0]
+
+    def containing(f: int) -> list[int]:
+        return [k for k in range(len(ds)) if ds.index[k].seq == 0 and ds.index[k].start <= f < ds.index[k].stop]
+
+    frame = max(range(len(seq)), key=lambda f: len(containing(f)))
+    seq.frame_path(frame).write_bytes(b"not a jpeg")
+    for _ in range(2):
+        for i in range(len(ds)):
+            ds[i]
+    assert len(containing(frame)) > 1 and ds.num_skipped == len(containing(frame))
 
 
 def test_skips_are_counted_across_dataloader_workers(broken_root):
@@ -391,3 +421,17 @@ def test_occluded_is_an_optional_field_written_by_the_generator_and_checked(tiny
     with pytest.raises(SequenceFormatError, match="occluded"):
         write_sequence(tmp_path / "bad", frames, {**arrays, "occluded": np.zeros(len(seq) + 1, bool)}, fps=seq.fps,
                        flat_hand_mean=seq.flat_hand_mean, mano_model=seq.mano_model, source="test")
+
+
+@pytest.mark.parametrize("kind", ["png", "scan"])
+def test_write_sequence_refuses_frames_that_are_not_sound_jpegs(all_sequences, tmp_path, kind):
+    """A PNG's bytes (or a JPEG with damaged scan data) passed as a frame is an error naming the frame, not a
+    .jpg that every later read rejects (or decodes into garbage)."""
+    seq = all_sequences[0]
+    frames = [seq.frame_path(i).read_bytes() for i in range(len(seq))]
+    img = cv2.imread(str(seq.frame_path(2)))
+    frames[2] = cv2.imencode(".png", img)[1].tobytes() if kind == "png" else _damage_scan_data(frames[2])
+    with pytest.raises(SequenceFormatError, match=r"frame 2.*not a readable JPEG"):
+        write_sequence(tmp_path / "x", frames, seq.arrays, fps=30.0, flat_hand_mean=True, mano_model="procedural",
+                       source="test")
+    assert not (tmp_path / "x").exists()

@@ -6,6 +6,8 @@ FK on all frames, `trans_pred` scaled in place.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -271,3 +273,23 @@ def test_outputs_are_not_aliases_of_the_prediction(mano):
     with torch.no_grad():
         out["trans_pred_scaled"].add_(1.0)
     assert torch.equal(trans, before)
+
+
+def test_translation_outside_the_bins_is_counted_and_warned_once(mano, caplog):
+    """A GT translation the bins cannot hold (its target is the edge bin) is counted and warned about once."""
+    batch = make_hand_batch(4, 1, mano=mano)
+    inside = gt_prediction(batch)
+    loss = HandPoseLoss()
+    with caplog.at_level(logging.WARNING, logger="handpose.loss"):
+        loss(inside, batch, BINS)
+    assert loss.num_trans_out_of_range == 0 and "outside the translation bins" not in caplog.text
+    far = dict(batch, mano_trans=batch["mano_trans"].clone(), valid=batch["valid"].clone())
+    far["mano_trans"][0, 0, 2] = 2.0   # z beyond 1.5 m
+    far["mano_trans"][1, 0, 0] = -0.5  # x below -0.3 m
+    far["mano_trans"][2, 0, 2] = 3.0
+    far["valid"][2, 0] = False          # an invalid frame is not supervised: not counted
+    with caplog.at_level(logging.WARNING, logger="handpose.loss"):
+        loss(inside, far, BINS)
+        loss(inside, far, BINS)
+    assert loss.num_trans_out_of_range == 4
+    assert caplog.text.count("outside the translation bins") == 1

@@ -7,6 +7,7 @@ Regression of seed 000: after the temporal encoder the sequence axis is 1, and n
 from __future__ import annotations
 
 import functools
+import logging
 
 import lightning as L
 import pytest
@@ -159,8 +160,8 @@ def _assert_stage1_loaded(stage2: PoseNet, stage1: PoseNet, report) -> None:
         if key.startswith("temporal."):
             continue
         assert torch.equal(value, reference[key]), key
-    assert report.loaded and not report.mismatched
-    assert report.missing and all(k.startswith("temporal.") for k in report.missing)
+    assert report.loaded and not report.mismatched and not report.missing and report.clean
+    assert report.expected_missing and all(k.startswith("temporal.") for k in report.expected_missing)
 
 
 def test_load_stage1_from_a_lightning_checkpoint_dict(tmp_path):
@@ -169,6 +170,28 @@ def test_load_stage1_from_a_lightning_checkpoint_dict(tmp_path):
     torch.save({"state_dict": state, "epoch": 3, "global_step": 10}, tmp_path / "last.ckpt")
     stage2 = make_net("stage2", seed=2)
     _assert_stage1_loaded(stage2, stage1, stage2.load_stage1(tmp_path / "last.ckpt"))
+
+
+def test_a_correct_stage1_load_does_not_warn(tmp_path, caplog):
+    """The temporal encoder is expected to be missing: a good load logs no warning, so a bad one stands out."""
+    torch.save({"state_dict": {f"net.{k}": v for k, v in make_net("stage1").state_dict().items()}},
+               tmp_path / "last.ckpt")
+    with caplog.at_level(logging.INFO):
+        make_net("stage2").load_stage1(tmp_path / "last.ckpt")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "expected-missing" in caplog.text
+
+
+def test_stage1_of_another_architecture_is_an_error(tmp_path):
+    """A checkpoint whose tensors mostly have other shapes (ViT-S, another decoder width) loads a handful of counters
+    and biases at best: an error naming the file, and the network is left untouched."""
+    other = make_net("stage1", backbone={**BACKBONE, "name": "vit_small_patch16_224"}, decoder={**DECODER, "dim": 48})
+    torch.save({"state_dict": {f"net.{k}": v for k, v in other.state_dict().items()}}, tmp_path / "other.ckpt")
+    stage2 = make_net("stage2")
+    before = {k: v.clone() for k, v in stage2.state_dict().items()}
+    with pytest.raises(ValueError, match=r"stage1_weight: .*other\.ckpt: only \d+ of the \d+ tensors"):
+        stage2.load_stage1(tmp_path / "other.ckpt")
+    assert all(torch.equal(v, before[k]) for k, v in stage2.state_dict().items())
 
 
 def test_load_stage1_from_an_accelerate_folder(tmp_path):

@@ -531,3 +531,32 @@ def test_continuous_latent_target_is_the_vq_encoder_output_and_decodes_continuou
     with pytest.raises(ValueError, match="latent_target"):
         tiny_module(latent_target="soft")
     _fit(continuous, [window_batch(i) for i in range(2)])  # trains end to end
+
+
+@pytest.mark.parametrize("failure", ["window_longer_than_validation", "encoder_raises"])
+def test_fgd_lost_after_setup_falls_back_to_val_loss(tmp_path, caplog, monkeypatch, failure):
+    """FGD can also vanish after setup: an encoder trained on longer windows than validation has (no FGD window
+    ever), or one whose forward raises during a validation. Either way the checkpoint that follows val/fgd must
+    switch to val/loss (one warning) instead of stopping training with a MisconfigurationException."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_gesture_metrics import TINY_ENCODER, save_encoder
+
+    from gesture.feature_encoder import MotionEncoder
+
+    window = 64 if failure == "window_longer_than_validation" else 8
+    save_encoder(tmp_path / "enc.ckpt", MotionEncoder(**{**TINY_ENCODER, "window": window}))
+    if failure == "encoder_raises":
+        def broken(self, motion_raw):
+            raise RuntimeError("simulated encoder failure")
+        monkeypatch.setattr(MotionEncoder, "features", broken)
+    module = tiny_module(fgd_encoder=str(tmp_path / "enc.ckpt"))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="val/fgd", mode="min", save_top_k=1)
+    data = [window_batch(i) for i in range(4)]  # 16-frame validation windows
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ckpt], limit_train_batches=1, num_sanity_val_steps=0)
+    with caplog.at_level(logging.WARNING):
+        trainer.fit(module, DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+    assert trainer.current_epoch == 2
+    assert ckpt.monitor == "val/loss" and Path(ckpt.best_model_path).is_file()
+    switches = [r for r in caplog.records if "now tracks val/loss" in r.getMessage()]
+    assert len(switches) == 1, [r.getMessage() for r in caplog.records]

@@ -54,8 +54,8 @@ def test_shapes_follow_the_contract(down_t):
     assert x_hat.shape == x.shape and vq_loss.shape == () and info["indices"].shape == (2, t_code)
     indices = model.map2index(x)
     assert indices.shape == (2, t_code) and indices.dtype == torch.long
-    assert torch.equal(model.latent(x), model.quantizer.codebook[indices])
-    torch.testing.assert_close(model.decode_indices(indices), x_hat)
+    assert torch.equal(model.quantizer.get_codebook_entry(indices), model.quantizer.codebook[indices])
+    torch.testing.assert_close(model.decode(model.quantizer.get_codebook_entry(indices)), x_hat)
 
 
 def test_bad_shapes_and_parts_raise():
@@ -86,7 +86,7 @@ def test_nan_motion_gives_in_range_codes_and_finite_decoding():
     x[1, 5:8] = float("nan")
     indices = model.map2index(x)
     assert indices.min() >= 0 and indices.max() < model.n_codes
-    assert torch.isfinite(model.decode_indices(indices)).all()
+    assert torch.isfinite(model.decode(model.quantizer.get_codebook_entry(indices))).all()
     assert int(model.quantizer.nonfinite_inputs) > 0
 
 

@@ -1,7 +1,7 @@
 """Preprocessing caches that invalidate themselves.
 
-A cache folder is keyed by a hash of the preprocessing config and the source files' sizes and mtimes, so a
-changed config or changed data rebuilds it by itself. Builders write into a temporary folder that is renamed
+A cache folder is keyed by a hash of the preprocessing config and the source files' contents, so a changed
+config or changed data rebuilds it by itself (an edit that keeps a file's size and modification time too). Builders write into a temporary folder that is renamed
 into place only when complete, so an interrupted build never leaves a half cache that looks valid.
 """
 
@@ -34,12 +34,17 @@ def _jsonable(obj):
 
 
 def fingerprint(config: Mapping, files: Iterable[Path | str]) -> str:
-    """SHA-256 over the config (as sorted JSON) and each file's path, size and mtime (ns)."""
+    """SHA-256 over the config (as sorted JSON) and each file's path and content (BLAKE2b of its bytes).
+
+    Content, not size and mtime: a same-size edit within the file system's timestamp resolution (or a copy that
+    keeps the timestamps) must not serve stale data. Hashing runs at about 1 GB/s; the sources are small.
+    """
     h = hashlib.sha256()
     h.update(json.dumps(_jsonable(config), sort_keys=True).encode())
     for f in sorted(str(Path(p).resolve()) for p in files):
-        st = os.stat(f)
-        h.update(f"\n{f}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        with open(f, "rb") as fh:
+            digest = hashlib.file_digest(fh, "blake2b").hexdigest()
+        h.update(f"\n{f}\t{digest}".encode())
     return h.hexdigest()
 
 

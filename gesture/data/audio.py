@@ -73,13 +73,28 @@ def load_wave(path: Path | str, sr: int) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def fit_to_frames(wave: np.ndarray, num_frames: int, sr: int, fps: float) -> np.ndarray:
+MAX_AUDIO_EXCESS = 0.05  # audio longer than its motion by more than this fraction: not the same recording rate
+
+
+def fit_to_frames(wave: np.ndarray, num_frames: int, sr: int, fps: float,
+                  max_excess: float | None = MAX_AUDIO_EXCESS) -> np.ndarray:
     """Trim or zero-pad ``wave [S]`` to exactly ``frame_bounds(num_frames)[-1]`` samples -> ``[S']``.
 
-    Raises ``AudioError`` when the audio is shorter than the motion by more than one frame.
+    Raises ``AudioError`` when the audio is shorter than the motion by more than one frame, or longer by more
+    than ``max_excess`` of the motion's duration (and one frame): motion captured at another frame rate than
+    ``fps`` (25 fps read as 30 makes the audio 1.2x the motion) would otherwise be cut silently. ``None``
+    allows any excess.
     """
     need = int(frame_bounds(num_frames, sr, fps)[-1])
     if len(wave) >= need:
+        excess = len(wave) - need
+        if max_excess is not None and excess > max(max_excess * need, sr / fps):
+            ratio = len(wave) / need
+            raise AudioError(
+                f"audio is {len(wave) / sr:.3f}s, {ratio:.3f}x the motion ({num_frames} frames at {fps:g} fps = "
+                f"{need / sr:.3f}s): the motion was probably captured at {fps / ratio:.4g} fps (store its rate "
+                "in the npz's fps key) or the audio belongs to a longer recording"
+            )
         return wave[:need].copy()
     if need - len(wave) > sr / fps:
         raise AudioError(

@@ -186,10 +186,15 @@ def load_clip(root: Path, clip: str, cfg: CorpusConfig = CorpusConfig()) -> RawC
         raise CorpusError(clip, "npz", f"unreadable: {e}") from e
     with npz_file as npz:
         frames = {k: _floats(npz, clip, k) for k in PER_FRAME_KEYS}
-        n = frames["body_pose_params"].shape[0] if frames["body_pose_params"].ndim == 2 else -1
+        body = frames["body_pose_params"]
+        n = body.shape[0] if body.ndim >= 1 else -1
         for k, tail in PER_FRAME_KEYS.items():
             if frames[k].ndim != 1 + len(tail) or frames[k].shape[1:] != tail or frames[k].shape[0] != n:
-                raise CorpusError(clip, k, f"shape {frames[k].shape}, expected ({max(n, 0)}, {tail[0]})")
+                # the body's own frame count is N when it is itself malformed ([N, 133, 1], a scalar, ...)
+                frames_text = str(n) if k != "body_pose_params" and body.shape[1:] == PER_FRAME_KEYS[
+                    "body_pose_params"] else "N"
+                expected = ", ".join([frames_text, *map(str, tail)])
+                raise CorpusError(clip, k, f"shape {frames[k].shape}, expected ({expected}): one row per frame")
         if n < 1:
             raise CorpusError(clip, "body_pose_params", "no frames")
         if "fps" in npz.files:

@@ -71,7 +71,6 @@ class GestureWindowDataset(_CacheSplit):
         return sample
 
 
-CONSTANT_KEYS = ("cam_t", "focal_length", "scale_params", "shape_params", "width", "height", "fps")
 
 
 class GestureClipDataset(_CacheSplit):

@@ -1,7 +1,7 @@
 """Builds and opens the gesture preprocessing cache: layout vectors, per-frame audio features and word ids, stats.
 
 The cache folder is keyed (``common.data.cache.ArtifactCache``) by the preprocessing config and every source
-file's size and mtime, so editing either rebuilds it; ``force=True`` rebuilds anyway. Arrays are raw
+file's content, so editing either rebuilds it; ``force=True`` rebuilds anyway. Arrays are raw
 little-endian files opened with ``np.memmap`` (shapes in ``meta.json``); nothing is pickled.
 
 Cache folder::
@@ -415,13 +415,6 @@ def build_gesture_cache(root: Path | str, cache_dir: Path | str, cfg: Preprocess
 
     path = cache.build(builder, force=force)
     return GestureCache(path, built=built[0])
-
-
-def open_gesture_cache(root: Path | str, cache_dir: Path | str, cfg: PreprocessConfig = PreprocessConfig()
-                       ) -> GestureCache | None:
-    """The up-to-date cache for ``root`` if it exists (never builds), else None."""
-    cache = _artifact(Path(root), cache_dir, cfg)
-    return GestureCache(cache.path) if cache.is_valid() else None
 
 
 def main(argv: list[str] | None = None) -> None:

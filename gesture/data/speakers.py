@@ -55,13 +55,6 @@ class SpeakerMap:
         except KeyError:
             raise KeyError(f"speaker id {raw_id} is not in the speaker map (known: {self.raw_ids})") from None
 
-    def raw(self, index: int) -> int:
-        """Inverse of ``index``: -1 for the unknown slot."""
-        if index == self.unknown_index:
-            return UNKNOWN_RAW
-        if not 0 <= index < self.num_known:
-            raise IndexError(f"speaker index {index} out of range 0..{self.unknown_index}")
-        return self.raw_ids[index]
 
     def to_json(self) -> str:
         return json.dumps({"raw_ids": self.raw_ids, "unknown_index": self.unknown_index})

@@ -146,12 +146,3 @@ class VQVAE(nn.Module):
         """``x [b, T, in_dim] -> indices [b, T']`` (the generator's classification targets)."""
         return self.quantizer.map2index(self.encode(x))
 
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``indices [b, T'] -> x_hat [b, T, in_dim]`` (out-of-range indices are clamped and counted)."""
-        expect_shape(indices, (None, None), "indices")
-        return self.decode(self.quantizer.get_codebook_entry(indices))
-
-    def latent(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [b, T, in_dim] -> z_q [b, T', code_dim]``: quantised latent, no gradient path to the encoder
-        (the generator's latent-regression target)."""
-        return self.quantizer.get_codebook_entry(self.map2index(x))

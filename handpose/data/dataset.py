@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import simplejpeg
 import torch
 from scipy.spatial.transform import Rotation
 from torch.utils.data import Dataset
@@ -119,34 +120,38 @@ class RootJoint:
         return self.j0 + shape.astype(np.float64) @ self.dirs.T
 
 
-class SkipCounter:
-    """A count shared by the DataLoader workers (shared memory) of windows skipped for unreadable frames."""
+class SkippedWindows:
+    """Which windows could not be loaded, shared by the DataLoader workers (one shared byte per window): a
+    window is counted once however often it is asked for, and a bad frame counts every window it lies in."""
 
-    def __init__(self) -> None:
-        self._value = mp.Value("q", 0)
+    def __init__(self, num_windows: int) -> None:
+        self._flags = mp.Array("b", max(num_windows, 1))
 
-    def add(self, n: int = 1) -> None:
-        with self._value.get_lock():
-            self._value.value += n
+    def mark(self, window: int) -> None:
+        self._flags[window] = 1  # one byte, written by one process at a time: no lock needed
 
     @property
     def value(self) -> int:
-        return int(self._value.value)
+        return int(np.frombuffer(self._flags.get_obj(), np.int8).sum())
 
 
 def read_frame(path: Path, image_size: tuple[int, int]) -> np.ndarray | None:
-    """BGR uint8 ``[H, W, 3]``, or None when the file is missing, truncated, undecodable or of the wrong size."""
+    """BGR uint8 ``[H, W, 3]``, or None when the file is missing, not a JPEG, truncated, corrupt or of the wrong
+    size.
+
+    Decoded by libjpeg-turbo through simplejpeg in strict mode: OpenCV's decoder turns a truncated file into grey
+    fill and damaged scan data into garbage with only a message on stderr ("Corrupt JPEG data: ..."); the strict
+    decoder raises for both, so such a frame becomes a counted, logged skip (same pixels as OpenCV otherwise).
+    """
     try:
-        data = np.fromfile(path, np.uint8)
+        data = path.read_bytes()
     except OSError:
         return None
-    # libjpeg decodes a truncated file with grey fill and only a warning: require an end-of-image marker after
-    # the last start-of-scan (an EXIF thumbnail has its own pair earlier in the file).
-    raw = data.tobytes()
-    if raw[:2] != b"\xff\xd8" or raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):
+    try:
+        img = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
+    except ValueError:
         return None
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if img is None or (img.shape[1], img.shape[0]) != tuple(image_size):
+    if (img.shape[1], img.shape[0]) != tuple(image_size):
         return None
     return img
 
@@ -249,7 +254,7 @@ class HandWindowDataset(Dataset):
         )
         if len(self.index) == 0:
             raise SequenceFormatError(f"{self.root} split {split!r}: no window ends at a valid frame")
-        self.skips = SkipCounter()
+        self.skips = SkippedWindows(len(self.index))
         self.bad_frames: set[Path] = set()  # known unreadable frames (per process)
 
     def __len__(self) -> int:
@@ -257,7 +262,8 @@ class HandWindowDataset(Dataset):
 
     @property
     def num_skipped(self) -> int:
-        """Windows skipped so far because a frame could not be read (all workers)."""
+        """Distinct windows found unloadable so far because a frame could not be read (all workers; another
+        window is returned in their place)."""
         return self.skips.value
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
@@ -266,7 +272,7 @@ class HandWindowDataset(Dataset):
             sample = self._load(j)
             if sample is not None:
                 return sample
-            self.skips.add()
+            self.skips.mark(j)
         raise RuntimeError(
             f"{self.root} split {self.split!r}: no loadable window within {self.max_skip_search} of window {i}"
         )
@@ -296,7 +302,7 @@ class HandWindowDataset(Dataset):
             if img is None:
                 if path not in self.bad_frames:
                     self.bad_frames.add(path)
-                    log.warning("%s: unreadable frame %s (window skipped, %d skips so far)",
+                    log.warning("%s: unreadable frame %s (every window with it is skipped; %d window(s) so far)",
                                 f"sequence {seq.folder}", path, self.num_skipped + 1)
                 return None
             frames.append(img)

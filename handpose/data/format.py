@@ -76,6 +76,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import simplejpeg
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -269,10 +270,12 @@ def _encode_frame(frame: np.ndarray | bytes | Path | str, quality: int, where: s
             raise _fail(where, "JPEG encoding failed")
         return buf.tobytes(), (frame.shape[1], frame.shape[0])
     data = Path(frame).read_bytes() if isinstance(frame, str | Path) else bytes(frame)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise _fail(where, "frame is not a readable JPEG")
-    return data, (img.shape[1], img.shape[0])
+    try:  # strict: a PNG, a truncated file or damaged scan data is refused here, not stored as a broken .jpg
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
+    except ValueError as err:
+        raise _fail(where, f"frame is not a readable JPEG ({err})") from None
+    return data, (width, height)
 
 
 def write_sequence(

@@ -53,6 +53,12 @@ class SyntheticConfig:
 
     seed: int = 0
     num_seqs: int = 280  # split into train / val / test as total - 2 k / k / k with k = max(1, round(n / 7))
+    # A training split of its own instead of the first total - 2 k: this many sequences (indices num_seqs, ...:
+    # random streams of their own, val / test unchanged) of train_min_frames to train_max_frames frames. More,
+    # shorter sequences: more scenes, hands and poses for the same number of frames.
+    train_seqs: int | None = None
+    train_min_frames: int | None = None  # None: min_frames
+    train_max_frames: int | None = None  # None: max_frames
     image_size: int = 256
     min_frames: int = 20
     max_frames: int = 40
@@ -69,11 +75,25 @@ class SyntheticConfig:
     orientation_step_deg: float = 15.0
     jpeg_quality: int = 92
 
+    def split_indices(self) -> dict[str, list[int]]:
+        """Sequence indices per split (sequence ``i`` is ``seq_{i:04d}``, made from the random stream (seed, i))."""
+        n = self.num_seqs
+        k = max(1, round(n / 7)) if n >= 3 else 0
+        train = list(range(n - 2 * k)) if self.train_seqs is None else list(range(n, n + self.train_seqs))
+        return {"train": train, "val": list(range(n - 2 * k, n - k)), "test": list(range(n - k, n))}
+
     def split_names(self) -> dict[str, list[str]]:
-        k = max(1, round(self.num_seqs / 7)) if self.num_seqs >= 3 else 0
-        names = [f"seq_{i:04d}" for i in range(self.num_seqs)]
-        return {"train": names[: len(names) - 2 * k], "val": names[len(names) - 2 * k: len(names) - k],
-                "test": names[len(names) - k:]}
+        return {split: [f"seq_{i:04d}" for i in indices] for split, indices in self.split_indices().items()}
+
+    def indices(self) -> list[int]:
+        """Every sequence the set holds."""
+        return sorted(i for indices in self.split_indices().values() for i in indices)
+
+    def frame_range(self, index: int) -> tuple[int, int]:
+        """(min, max) frames of sequence ``index``."""
+        if index >= self.num_seqs:  # a sequence of the training split of its own
+            return (self.train_min_frames or self.min_frames, self.train_max_frames or self.max_frames)
+        return self.min_frames, self.max_frames
 
 
 _LAYERS: dict[str, torch.nn.Module] = {}
@@ -151,9 +171,10 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _timeline(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
+def _timeline(rng: np.random.Generator, cfg: SyntheticConfig, index: int) -> np.ndarray:
     """Timestamps (s) of the kept frames: 30 fps with single and burst drops; ``[n]``, n in [min, max]."""
-    n_keep = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
+    lo, hi = cfg.frame_range(index)
+    n_keep = int(rng.integers(lo, hi + 1))
     keep: list[int] = []
     i = 0
     while len(keep) < n_keep:
@@ -177,7 +198,7 @@ def make_sequence(out_dir: Path, index: int, cfg: SyntheticConfig) -> Path:
     size = cfg.image_size
     side = LEFT if is_left(index, cfg) else RIGHT
     layer = _mano("left" if side == LEFT else "right")
-    times = _timeline(rng, cfg)
+    times = _timeline(rng, cfg, index)
     n = len(times)
     key_dt = rng.uniform(0.35, 0.8)
     num_keys = int(np.ceil((times[-1] - times[0]) / key_dt)) + 3
@@ -274,9 +295,14 @@ def _start_orientation(rng: np.random.Generator, rest_joints: np.ndarray, palm: 
 
 
 def is_left(index: int, cfg: SyntheticConfig) -> bool:
-    """Whether sequence ``index`` shows a left hand: round(num_seqs * left_prob) of them, at seeded places."""
-    order = np.random.default_rng([cfg.seed, 2**31]).permutation(cfg.num_seqs)
-    return bool(order[index] < round(cfg.num_seqs * cfg.left_prob))
+    """Whether sequence ``index`` shows a left hand: round(n * left_prob) of the n sequences of the base set, and
+    of the training split of its own, at seeded places."""
+    if index < cfg.num_seqs:
+        order, offset, n = np.random.default_rng([cfg.seed, 2**31]).permutation(cfg.num_seqs), 0, cfg.num_seqs
+    else:
+        n = cfg.train_seqs or 0
+        order, offset = np.random.default_rng([cfg.seed, 2**31 + 1]).permutation(n), cfg.num_seqs
+    return bool(order[index - offset] < round(n * cfg.left_prob))
 
 
 def _skin(rng: np.random.Generator) -> np.ndarray:
@@ -302,13 +328,14 @@ def generate_dataset(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), 
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     t0 = time.perf_counter()
     try:
+        indices = cfg.indices()
         if workers <= 1:
-            for i in range(cfg.num_seqs):
+            for i in indices:
                 make_sequence(tmp, i, cfg)
         else:
             # one thread per worker process, as in DataLoader workers (also keeps forked children safe)
             with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                list(pool.map(make_sequence, [tmp] * cfg.num_seqs, range(cfg.num_seqs), [cfg] * cfg.num_seqs))
+                list(pool.map(make_sequence, [tmp] * len(indices), indices, [cfg] * len(indices), chunksize=4))
         write_splits(tmp, splits)
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=1))
         if out.exists() and not overwrite:  # another process (e.g. a second node) finished first
@@ -321,19 +348,37 @@ def generate_dataset(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("generated %d synthetic sequences in %s (%.1f s)", cfg.num_seqs, out, time.perf_counter() - t0)
+    log.info("generated %d synthetic sequences in %s (%.1f s)", len(cfg.indices()), out, time.perf_counter() - t0)
     return out
 
 
+SHIPPED_DATA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "data" / "hand_synthetic.yaml"
+
+
+def shipped_config() -> SyntheticConfig:
+    """The set ``data=hand_synthetic`` generates (its ``synthetic`` block), so that ``make data-hand`` writes
+    exactly what a training run would; SyntheticConfig's own defaults where that file is absent."""
+    if not SHIPPED_DATA_CONFIG.exists():
+        return SyntheticConfig()
+    from omegaconf import OmegaConf
+
+    return SyntheticConfig(**OmegaConf.to_container(OmegaConf.load(SHIPPED_DATA_CONFIG).synthetic))
+
+
 def main(argv: list[str] | None = None) -> None:
-    defaults = SyntheticConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = shipped_config()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog=f"defaults: the synthetic block of {SHIPPED_DATA_CONFIG}")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--num-seqs", type=int, default=defaults.num_seqs)
+    p.add_argument("--num-seqs", type=int, default=defaults.num_seqs, help="the base set (train / val / test)")
     p.add_argument("--image-size", type=int, default=defaults.image_size)
     p.add_argument("--min-frames", type=int, default=defaults.min_frames)
     p.add_argument("--max-frames", type=int, default=defaults.max_frames)
+    p.add_argument("--train-seqs", type=int, default=defaults.train_seqs,
+                   help="a training split of its own of this many sequences (0: the base set's)")
+    p.add_argument("--train-min-frames", type=int, default=defaults.train_min_frames)
+    p.add_argument("--train-max-frames", type=int, default=defaults.train_max_frames)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing set")
     p.add_argument("--if-missing", action="store_true", help="do nothing when OUT/splits.json exists")
@@ -345,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.exists() and not args.overwrite:
         p.error(f"{args.out} exists: pass --overwrite to regenerate it or --if-missing to keep it")
     cfg = replace(defaults, seed=args.seed, num_seqs=args.num_seqs, image_size=args.image_size,
-                  min_frames=args.min_frames, max_frames=args.max_frames)
+                  min_frames=args.min_frames, max_frames=args.max_frames, train_seqs=args.train_seqs or None,
+                  train_min_frames=args.train_min_frames, train_max_frames=args.train_max_frames)
     generate_dataset(args.out, cfg, args.workers, args.overwrite)
 
 

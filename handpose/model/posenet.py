@@ -174,24 +174,20 @@ class PoseNet(nn.Module):
     def load_stage1(self, path: str | Path) -> LoadReport:
         """Load Stage 1 weights (Lightning .ckpt, .safetensors, .pt, Accelerate folder) and log what matched.
 
-        In a Stage 2 network the temporal encoder is expected to be missing; anything else missing, any
-        unexpected key or shape mismatch is logged as a warning. Loading nothing is an error.
+        In a Stage 2 network the temporal encoder is expected to be missing (logged at INFO with the rest of a
+        clean load); anything else missing, any unexpected key or shape mismatch is a warning, and a checkpoint
+        most of whose tensors do not fit (another architecture or size) is an error (``common.checkpoint``).
         """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"stage1_weight: {path} does not exist (train Stage 1 first, or fix the path)")
-        report = load_weights(self, path, prefix_map=LIGHTNING_PREFIX_MAP)
+        expected = ("temporal.*",) if self.temporal is not None else ()
+        try:
+            report = load_weights(self, path, prefix_map=LIGHTNING_PREFIX_MAP, expected_missing=expected)
+        except ValueError as err:
+            raise ValueError(f"stage1_weight: {err}") from None
         if not report.loaded:
             raise ValueError(f"stage1_weight: no weights from {path} match this PoseNet ({report.summary()})")
-        missing = [k for k in report.missing if not k.startswith("temporal.")]
-        log.info("stage1 weights from %s: loaded %d tensors, %d expected-missing (the temporal encoder)",
-                 path, len(report.loaded), len(report.missing) - len(missing))
-        if missing or report.unexpected or report.mismatched:
-            log.warning(
-                "stage1 weights from %s: %d missing %s, %d unexpected %s, %d shape-mismatched %s",
-                path, len(missing), missing[:10], len(report.unexpected), report.unexpected[:10],
-                len(report.mismatched), report.mismatched[:10],
-            )
         return report
 
     def encode_frames(
