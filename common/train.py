@@ -6,10 +6,12 @@ exact resume from the run folder `outputs/<experiment>/<run_name>/`, then tests 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from common.loggers import build_csv_logger, build_wandb_logger, finish_wandb  # noqa: E402
 
@@ -94,6 +96,46 @@ def build_loggers(cfg: DictConfig, fresh_over_existing: bool, resume_step: int |
     return loggers
 
 
+def git_state(root: Path = ROOT) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout the run comes from (None without git)."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The whole composed config, resolved, plus the git state: what the loggers record as the run's config (the
+    LightningModule's own hyperparameters leave out the network, loss, optimiser and schedule)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["git"] = git_state()
+    return config
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """The resolved config as a tree, one branch per top-level group."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree(f"config of {cfg.experiment_name}/{cfg.run_name}", guide_style="dim")
+    scalars = {k: v for k, v in cfg.items() if not isinstance(v, DictConfig)}
+    if scalars:
+        tree.add(Syntax(OmegaConf.to_yaml(OmegaConf.create(scalars)), "yaml", theme="ansi_dark"))
+    for key, value in cfg.items():
+        if isinstance(value, DictConfig):
+            tree.add(str(key)).add(Syntax(OmegaConf.to_yaml(value, resolve=True), "yaml", theme="ansi_dark"))
+    Console(width=120).print(tree)
+
+
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
@@ -151,6 +193,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if _is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if cfg.get("print_config", True):
+            print_config_tree(cfg)
         if ckpt_path:
             print(f"Resuming {cfg.experiment_name}/{cfg.run_name} from {ckpt_path} "
                   f"(epoch {resume_epoch}, global step {resume_step})")
@@ -162,6 +206,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = build_loggers(cfg, fresh_over_existing=existed_before and ckpt_path is None, resume_step=resume_step)
+    if loggers:
+        config = run_config(cfg)
+        for logger in loggers:
+            logger.log_hyperparams(config)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      default_root_dir=str(out))
     metrics: dict[str, float] = {}
@@ -190,8 +238,45 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+_SWEEP_NAME_SKIP = ("experiment", "run_name")  # keys that already separate runs, or name them
+
+
+def sweep_run_name(run_name: str, task_overrides: list[str], job_num: int) -> str:
+    """The run name of one job of a Hydra multirun (``-m``): ``<run_name>-<its overrides>``.
+
+    Every job of a sweep would otherwise share ``outputs/<experiment>/<run_name>/`` and its wandb id, and with
+    ``resume: true`` each job would resume the previous job's ``last.ckpt``. The job's own overrides (without
+    ``experiment``, ``run_name`` and ``paths.*``, which already give it a folder) name it, so the same sweep
+    command resumes every job from its own folder; the job number when nothing is left; long names end in a
+    hash of the full text.
+    """
+    kept = [o for o in task_overrides
+            if o.split("=", 1)[0].lstrip("+~") not in _SWEEP_NAME_SKIP and not o.lstrip("+~").startswith("paths.")]
+    suffix = ",".join(sorted(kept)) or f"job{job_num}"
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", suffix)
+    if len(safe) > 80:
+        safe = f"{safe[:60]}-{hashlib.sha1(suffix.encode()).hexdigest()[:10]}"
+    return f"{run_name}-{safe}"
+
+
+def _name_sweep_job(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    name = sweep_run_name(str(cfg.run_name), list(hc.overrides.task), int(hc.job.num))
+    with open_dict(cfg):
+        cfg.run_name = name
+    print(f"multirun job {hc.job.num}: run name {name}")
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    _name_sweep_job(cfg)
     metrics = run(cfg)
     value = metrics.get(str(cfg.monitor))
     return value  # for Hydra sweepers

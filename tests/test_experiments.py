@@ -64,7 +64,8 @@ def test_cpu_hand_models_instantiate_with_the_stage1_checkpoint_path_under_outpu
 
 TINY_HAND = ["model.net.backbone.img_size=32", "model.net.backbone.dense_dim=8", "model.net.decoder.depth=1",
              "model.net.decoder.joint_mlp=16", "model.lift_batch=4",
-             "data.synthetic.num_seqs=7", "data.synthetic.min_frames=10", "data.synthetic.max_frames=10",
+             "data.synthetic.num_seqs=7", "data.synthetic.train_seqs=null", "data.synthetic.min_frames=10",
+             "data.synthetic.max_frames=10",
              "data.synthetic.image_size=64", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
              "logger=csv", "model.mean_init_batches=1", "model.num_vis=2"]
 STAGE_OVERRIDES = {"stage1": ["callbacks.ema.update_starting_at_step=2"], "stage2": []}  # Stage 2 has no EMA
@@ -136,6 +137,42 @@ def test_failing_wandb_warns_and_the_run_still_finishes(tmp_path, monkeypatch):
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb still ran (offline), it just failed to log"
 
 
+def test_the_whole_resolved_config_and_git_state_reach_the_loggers(tmp_path, monkeypatch, capsys):
+    """save_hyperparameters leaves out net / loss / optimiser: what wandb and the CSV logger record as the run's
+    config is the composed one, with the git commit and dirty flag; it is printed as a tree at start."""
+    import wandb
+    import yaml
+
+    from common import train
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    seen: list[dict] = []
+    real_update = wandb.sdk.wandb_config.Config.update
+
+    def spy(self, d, *args, **kwargs):
+        seen.append(dict(d))
+        return real_update(self, d, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_config.Config, "update", spy)
+    cfg = _compose(tmp_path, "experiment=toy", "run_name=cfg", "trainer.max_epochs=1", "test_after_fit=false")
+    train.run(cfg)
+    monkeypatch.undo()
+    run_dir = tmp_path / "out" / "toy" / "cfg"
+    composed = yaml.safe_load((run_dir / "config.yaml").read_text())
+    logged = {k: v for d in seen for k, v in d.items()}
+    assert logged["model"]["optimizer"] == composed["model"]["optimizer"]
+    assert logged["trainer"]["max_epochs"] == 1 and logged["seed"] == composed["seed"]
+    assert set(logged["git"]) == {"commit", "dirty"}
+    assert logged["git"]["commit"] is None or len(logged["git"]["commit"]) == 40
+    hparams = yaml.safe_load((run_dir / "csv" / "hparams.yaml").read_text())
+    assert hparams["model"]["optimizer"] == composed["model"]["optimizer"] and "git" in hparams
+    out = capsys.readouterr().out
+    assert "config of toy/cfg" in out and "optimizer" in out
+
+
 def _csv_rows(path: Path) -> list[dict[str, str]]:
     import csv
 
@@ -156,7 +193,8 @@ def test_stage1_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_run
                                                        "data.synthetic."))]
     common = [f"paths.output_root={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}", *tiny,
               "data.num_workers=1", "trainer.max_epochs=2", "test_after_fit=false", "data.synthetic.num_seqs=14",
-              "data.synthetic.min_frames=20", "data.synthetic.max_frames=20", "data.synthetic.image_size=64",
+              "data.synthetic.train_seqs=null", "data.synthetic.min_frames=20", "data.synthetic.max_frames=20",
+              "data.synthetic.image_size=64",
               *STAGE_OVERRIDES["stage1"]]
 
     def cmd(run: str) -> list[str]:

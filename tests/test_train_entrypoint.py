@@ -113,6 +113,29 @@ def test_resume_false_starts_fresh_and_keeps_old_checkpoints(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
 
 
+def test_multirun_jobs_get_their_own_run_folders_and_do_not_resume_each_other(tmp_path):
+    """`-m seed=1,2`: two independent runs in two folders; the same sweep again resumes each from its own."""
+    sweep = ["seed=1,2", "trainer.max_epochs=1", "logger=csv", "test_after_fit=false",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+
+    def multirun() -> subprocess.CompletedProcess:
+        cmd = _cmd(tmp_path, *sweep)
+        cmd.insert(cmd.index("common.train") + 1, "--multirun")  # a flag before the overrides
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    proc = multirun()
+    assert proc.stdout.count("from scratch") == 2, proc.stdout[-3000:]
+    runs = sorted(p for p in (tmp_path / "out" / "toy").iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["toy-logger=csv,seed=1,test_after_fit=False,trainer.max_epochs=1",
+                                      "toy-logger=csv,seed=2,test_after_fit=False,trainer.max_epochs=1"]
+    weights = [torch.load(p / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for p in runs]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "the two seeds trained alike"
+    again = multirun()
+    assert again.stdout.count("Resuming toy/toy-") == 2 and "from scratch" not in again.stdout
+
+
 def test_ddp_cpu_two_ranks_and_synced_validation_metric(tmp_path):
     proc = _train(tmp_path, "run_name=ddp", "trainer=ddp_cpu", "trainer.max_epochs=2", "logger=csv",
                   "test_after_fit=false")
@@ -142,3 +165,4 @@ def test_wandb_offline_run_written_without_network(tmp_path):
     assert f"Testing {run_dir / 'checkpoints' / 'best-epoch000.ckpt'}" in proc.stdout  # test_ckpt=best (default)
     assert (run_dir / "metrics.json").is_file()
     assert "test/loss" in json.loads((run_dir / "metrics.json").read_text())
+

@@ -42,8 +42,11 @@ def fingerprint(config: Mapping, files: Iterable[Path | str]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(_jsonable(config), sort_keys=True).encode())
     for f in sorted(str(Path(p).resolve()) for p in files):
+        content = hashlib.blake2b()
         with open(f, "rb") as fh:
-            digest = hashlib.file_digest(fh, "blake2b").hexdigest()
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                content.update(chunk)
+        digest = content.hexdigest()
         h.update(f"\n{f}\t{digest}".encode())
     return h.hexdigest()
 
