@@ -13,7 +13,7 @@ TRAIN := $(PY) -m common.train
 # (gesture-prereqs is internal)
 .PHONY: gesture-prereqs install lock test test-full lint train-stage1 train-stage2 train-toy eval-hand data-hand demo-tracker \
         data-gesture cache-gesture train-vqvae train-fgd train-mambatalk infer-mambatalk render-gesture bench \
-        bench-hand bench-mamba bench-gesture clean
+        bench-hand bench-mamba bench-gesture gpu-check clean
 
 # Installs from the lock (requirements.lock, a pip constraints file of the exact versions the suite passed
 # with; pip and setuptools included). The project's own build runs without build isolation, so its
@@ -131,6 +131,11 @@ bench-mamba: $(STAMP)
 
 bench-gesture: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m bench.bench_gesture $(ARGS)
+
+# The GPU path on a CUDA machine (bf16 paper recipes, MFU, tracker, Mamba equality, loader): one JSON + Markdown
+# report in outputs/gpu_check/. Without CUDA it runs at toy sizes and says so (how its test runs it).
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 # Test split (one npz per clip + metrics.json), or one clip: make infer-mambatalk WAV=a.wav TEXTGRID=a.TextGrid
 # SPEAKER=2 OUT=a.npz (SPEAKER: raw BEAT id, -1 = unknown).
