@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from common.mano import (
+from common.mano_topology import (
     FINGERTIP_NAMES,
     FINGERTIP_VERTEX_IDS,
     MANO_PARENTS,

@@ -1,7 +1,7 @@
 """Rotation conversions in PyTorch: axis-angle, matrix, quaternion (wxyz), 6D (first two columns), Euler.
 
 Every function is batched over leading dims, differentiable, dtype-preserving (float32/float64), and keeps
-finite gradients at the identity (Taylor branches). Rigid transforms and skinning live in common.kinematics.
+finite gradients at the identity (Taylor branches). Skinning is smplx's (common.mano).
 """
 
 from __future__ import annotations

@@ -153,6 +153,20 @@ class HandTracker:
         return cls(lit.net, num_frame, bbox_scale=bbox_scale, mano=lit.loss.mano,
                    norm_by_hand=lit.loss.norm_by_hand, **kwargs)
 
+    @classmethod
+    def from_checkpoint(cls, path, num_frame: int | None = None, device: str | torch.device = "cpu",
+                        config=None, **kwargs) -> HandTracker:
+        """A tracker from a training run's checkpoint (``outputs/<experiment>/<run>/checkpoints/*.ckpt``): the
+        network is rebuilt from the run's ``config.yaml`` and loaded strictly (``handpose.evaluate``);
+        ``num_frame`` and the crop scale default to the run's data settings (``data.num_frame``,
+        ``data.bbox_scale``)."""
+        from handpose.evaluate import load_checkpoint
+
+        lit, cfg = load_checkpoint(path, config)
+        lit = lit.to(device)
+        kwargs.setdefault("bbox_scale", float(cfg.data.get("bbox_scale", 1.4)))
+        return cls.from_lit(lit, int(num_frame if num_frame is not None else cfg.data.num_frame), **kwargs)
+
     def reset(self) -> None:
         """Forget all frames (start of a new sequence / a lost track)."""
         self.tokens.clear()

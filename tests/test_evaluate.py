@@ -201,3 +201,26 @@ def test_compare_stage1_evaluates_it_on_exactly_the_stage2_frames_with_subsets_a
     assert report["stage1"]["details"]["subsets"]["all"]["count"] == int(valid.sum())
     table = evaluate.format_comparison(report)
     assert "stage1, same frames" in table and "accel. error" in table
+
+
+def test_tracker_from_checkpoint_is_the_runs_network_with_its_settings(runs, data_root):
+    """`handpose.HandTracker.from_checkpoint(path)` (the documented Python API) rebuilds the run's network with its
+    window length and crop scale: it predicts exactly what a tracker built by hand from the loaded run does
+    (``from_lit``, itself checked against the batch forward in tests/test_tracker.py)."""
+    import handpose
+    from handpose.data.dataset import read_frame
+    from handpose.data.format import read_sequence, read_splits
+
+    ckpt = runs["stage2"]
+    tracker = handpose.HandTracker.from_checkpoint(ckpt, channel_order="bgr")
+    cfg = OmegaConf.load(ckpt.parent.parent / "config.yaml")
+    assert tracker.num_frame == cfg.data.num_frame == 3 and tracker.bbox_scale == float(cfg.data.bbox_scale)
+    lit, _ = handpose.load_checkpoint(ckpt)
+    by_hand = handpose.HandTracker.from_lit(lit, 3, bbox_scale=float(cfg.data.bbox_scale), channel_order="bgr")
+    seq = read_sequence(data_root / read_splits(data_root)["val"][0])
+    for f in range(4):
+        args = (read_frame(seq.frame_path(f), seq.image_size), seq["bbox"][f], seq["focal"][f], seq["princpt"][f],
+                float(seq["timestamp"][f]), "right")
+        a, b = tracker.update(*args), by_hand.update(*args)
+        np.testing.assert_array_equal(a.joints_cam, b.joints_cam)
+        assert np.isfinite(a.joints_cam).all() and a.window == min(f + 1, 3)

@@ -151,3 +151,16 @@ def test_split_mode_writes_one_npz_per_test_clip_and_metrics(trained, tmp_path):
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
         load_generator(tmp_path / "nothing.ckpt")
+
+
+def test_package_api_exports_the_documented_entry_points():
+    """README's Python examples: `gesture.load_generator` / `gesture.infer_clip`, `handpose.HandTracker`."""
+    import gesture
+    import handpose
+    from gesture import infer
+    from handpose import tracker
+
+    assert gesture.load_generator is infer.load_generator and gesture.infer_clip is infer.infer_clip
+    assert handpose.HandTracker is tracker.HandTracker and hasattr(handpose.HandTracker, "from_checkpoint")
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gesture.nope  # noqa: B018

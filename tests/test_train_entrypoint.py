@@ -166,3 +166,21 @@ def test_wandb_offline_run_written_without_network(tmp_path):
     assert (run_dir / "metrics.json").is_file()
     assert "test/loss" in json.loads((run_dir / "metrics.json").read_text())
 
+
+
+def test_debug_profiler_and_overfit_and_trainer_cpu_configs_run(tmp_path):
+    """`debug=profiler` writes Lightning's profile into the run folder; `debug=overfit` trains on the same
+    batches until the loss has fallen; `trainer=cpu` picks the CPU."""
+    _train(tmp_path, "run_name=prof", "debug=profiler", "trainer=cpu", "logger=csv")
+    assert list((tmp_path / "out" / "toy" / "prof").glob("*profile*.txt")), "no profiler report"
+    _train(tmp_path, "run_name=over", "debug=overfit", "trainer.max_epochs=15", "logger=csv")
+    rows = [r for r in _read_csv(tmp_path / "out" / "toy" / "over" / "csv" / "metrics.csv") if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in rows]
+    assert len(losses) > 10 and losses[-1] < 0.5 * losses[0], losses
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
