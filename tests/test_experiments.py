@@ -233,3 +233,72 @@ def test_stage1_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_run
     full_rows = _csv_rows(tmp_path / "out" / "stage1" / "full" / "csv" / "metrics.csv")
     assert _csv_rows(run_dir / "csv" / "metrics.csv") == full_rows
     assert len(full_rows) > len([r for r in interrupted_rows if r["epoch"] in ("", "0")])
+
+
+def test_mambatalk_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path):
+    """The same user sequence for `experiment=mambatalk` (default callbacks and loggers; no FGD encoder, so the
+    best checkpoint follows val/loss): Ctrl-C in epoch 3 after the epoch-2 validation, the same command again ->
+    the uninterrupted run's weights and metrics.csv rows. The frozen VQ-VAEs are small random ones."""
+    import signal
+    import time
+
+    from gesture.models.vqvae import VQVAE
+    from gesture.vq_module import CONFIG_KEY, STATE_PREFIX
+
+    out_root = tmp_path / "out"
+    for part in ("face", "body", "hand"):
+        torch.manual_seed({"face": 0, "body": 1, "hand": 2}[part])
+        vq = VQVAE(part, hidden=16, code_dim=8, n_codes=16, depth=1)
+        path = out_root / f"vqvae_{part}" / f"vqvae_{part}" / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({CONFIG_KEY: dict(vq.config), "state_dict": {STATE_PREFIX + k: v for k, v in vq.state_dict().items()}},
+                   path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_SILENT="true", CI="1", PYTHONUNBUFFERED="1")
+    common = [f"paths.output_root={out_root}", f"paths.data_dir={tmp_path / 'data'}",
+              "data.synthetic.num_speakers=2", "data.synthetic.clips_per_speaker=3", "data.synthetic.seconds=6",
+              "data.synthetic.unknown_clips=0", "data.batch_size=4", "data.stride=2",
+              "model.generator.hidden=16", "model.generator.audio_f=8", "model.generator.motion_f=8",
+              "model.generator.word_dim=8", "model.generator.heads=2", "trainer.max_time=null",
+              "trainer.max_epochs=4", "test_after_fit=false"]
+
+    def cmd(run: str) -> list[str]:
+        return [sys.executable, "-m", "common.train", "experiment=mambatalk", f"run_name={run}", *common]
+
+    def train(run: str) -> str:
+        proc = subprocess.run(cmd(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{run} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        return proc.stdout
+
+    train("full")
+    run_dir = out_root / "mambatalk" / "cut"
+    proc = subprocess.Popen(cmd("cut"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = []
+    deadline = time.time() + 240
+    while time.time() < deadline:  # the first validation (end of epoch 2), then into epoch 3
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("epoch 2 validation:"):
+            break
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(seen) + rest
+    assert proc.returncode != 0, f"the run was meant to be interrupted but finished:\n{log[-3000:]}"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1, log[-3000:]
+    assert any(r.get("val/loss") for r in _csv_rows(run_dir / "csv" / "metrics.csv")), "no validation logged"
+
+    resumed = train("cut")
+    assert "Resuming mambatalk/cut from" in resumed
+    full = torch.load(out_root / "mambatalk" / "full" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)["state_dict"]
+    cut = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert full.keys() == cut.keys()
+    differ = [k for k in full if not torch.equal(full[k], cut[k])]
+    assert not differ, f"{len(differ)} of {len(full)} tensors differ after the resume, e.g. {differ[:3]}"
+    assert _csv_rows(run_dir / "csv" / "metrics.csv") == _csv_rows(out_root / "mambatalk" / "full" / "csv" /
+                                                                   "metrics.csv")
