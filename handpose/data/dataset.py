@@ -247,6 +247,12 @@ class HandWindowDataset(Dataset):
             raise SequenceFormatError(
                 f"split {split!r} of {self.root} is annotated with the official MANO model: set mano_model_path"
             )
+        independent = [s.name for s in self.sequences if s.extra.get("independent_frames")]
+        if independent and num_frame > 1:
+            raise SequenceFormatError(
+                f"split {split!r} of {self.root}: sequence {independent[0]} (and {len(independent) - 1} more) holds "
+                f"independent frames (e.g. FreiHAND samples grouped in one folder); windows of {num_frame} frames "
+                "over them would be no temporal context at all: use num_frame=1 (Stage 1)")
         self.root_joint = RootJoint(mano_model_path if "official" in models else None)
         self.index = WindowIndex(
             [len(s) for s in self.sequences], num_frame, stride, valid=[s["valid"] for s in self.sequences],

@@ -1,0 +1,5 @@
+import sys
+
+from handpose.data.convert import main
+
+sys.exit(main())
