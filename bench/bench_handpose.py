@@ -153,9 +153,10 @@ class RecomputeTracker(HandTracker):
         return self._result(pred, side, float(timestamp), focal, princpt)
 
 
-def tracker_latency(trackers: dict[str, HandTracker], seq, frames: list[np.ndarray], steps: int) -> dict:
+def tracker_latency(trackers: dict[str, HandTracker], seq, frames: list[np.ndarray], steps: int,
+                    sync: Callable[[], None] = lambda: None) -> dict:
     """Seconds per update of each tracker on the same frame stream, interleaved per frame; the first
-    ``num_frame`` frames (buffer filling) are not timed."""
+    ``num_frame`` frames (buffer filling) are not timed. ``sync`` waits for the device (CUDA) around each update."""
     times: dict[str, list[float]] = {name: [] for name in trackers}
     warm = max(t.num_frame for t in trackers.values())
     for i in range(warm + steps):
@@ -163,8 +164,10 @@ def tracker_latency(trackers: dict[str, HandTracker], seq, frames: list[np.ndarr
         side = "left" if int(seq["hand_side"][f]) == LEFT else "right"
         ts = i / seq.fps
         for name, tracker in trackers.items():
+            sync()
             t0 = time.perf_counter()
             tracker.update(frames[f], seq["bbox"][f], seq["focal"][f], seq["princpt"][f], ts, side)
+            sync()
             if i >= warm:
                 times[name].append(time.perf_counter() - t0)
     return times

@@ -105,8 +105,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_step_fn(lit, batch: dict, device: torch.device, bf16: bool) -> tuple[Callable[[], float], Any]:
-    """One optimisation step as HandPoseLit.training_step does it; returns (step -> loss, optimizer)."""
+def train_step_fn(lit, batch: dict, device: torch.device, bf16: bool) -> Callable[[], torch.Tensor]:
+    """One optimisation step as HandPoseLit.training_step does it: ``step() -> loss``."""
     lit.to(device).train()
     params = [p for p in lit.parameters() if p.requires_grad]
     optimizer = lit.optimizer_factory(params=params)
@@ -120,7 +120,7 @@ def train_step_fn(lit, batch: dict, device: torch.device, bf16: bool) -> tuple[C
         optimizer.step()
         return out["loss"].detach()
 
-    return step, optimizer
+    return step
 
 
 def step_flops(lit, batch: dict, device: torch.device, bf16: bool) -> float:
@@ -143,7 +143,7 @@ def check_hand_recipe(stage: str, batch: dict, device: torch.device, tiny: bool,
     batch = to_device(batch, device)
     lit.to(device)
     flops = step_flops(lit, batch, device, bf16)
-    step, _ = train_step_fn(lit, batch, device, bf16)
+    step = train_step_fn(lit, batch, device, bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses = [float(step()) for _ in range(2)]  # warm-up (cuDNN autotuning, allocator)
@@ -177,7 +177,7 @@ def compiled_step(stage: str, batch: dict, device: torch.device, tiny: bool, ste
         bf16 = device.type == "cuda"
         lit = hand_lit(stage, tiny).to(device)
         lit.net = torch.compile(lit.net)
-        step, _ = train_step_fn(lit, batch, device, bf16)
+        step = train_step_fn(lit, batch, device, bf16)
         t0 = time.perf_counter()
         step()
         sync(device)
@@ -190,8 +190,9 @@ def compiled_step(stage: str, batch: dict, device: torch.device, tiny: bool, ste
 
 def check_tracker(device: torch.device, tiny: bool, data_root: Path, updates: int) -> dict:
     """Per-frame latency of the streaming HandTracker (Stage 2, window 7) against Stage 1's (window 1)."""
+    from bench.bench_handpose import med_ms, tracker_latency
     from handpose.data.dataset import read_frame
-    from handpose.data.format import LEFT, read_sequence, read_splits
+    from handpose.data.format import read_sequence, read_splits
     from handpose.tracker import HandTracker
 
     seq = read_sequence(data_root / read_splits(data_root)["test"][0])
@@ -199,28 +200,16 @@ def check_tracker(device: torch.device, tiny: bool, data_root: Path, updates: in
     stage1, stage2 = hand_lit("stage1", tiny).to(device), hand_lit("stage2", tiny).to(device)
     trackers = {"stage1": HandTracker.from_lit(stage1, 1, channel_order="bgr"),
                 "stage2": HandTracker.from_lit(stage2, 7, channel_order="bgr")}
-    times: dict[str, list[float]] = {name: [] for name in trackers}
     with autocast(device, device.type == "cuda"):
-        for i in range(7 + updates):
-            f = i % len(frames)
-            side = "left" if int(seq["hand_side"][f]) == LEFT else "right"
-            for name, tracker in trackers.items():
-                sync(device)
-                t0 = time.perf_counter()
-                tracker.update(frames[f], seq["bbox"][f], seq["focal"][f], seq["princpt"][f], i / seq.fps, side)
-                sync(device)
-                if i >= 7:
-                    times[name].append(time.perf_counter() - t0)
-    ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
+        times = tracker_latency(trackers, seq, frames, updates, sync=lambda: sync(device))
+    ms = {name: med_ms(v) for name, v in times.items()}
     return {"stage1_ms": ms["stage1"], "stage2_ms": ms["stage2"], "stage2_over_stage1": ms["stage2"] / ms["stage1"]}
 
 
 def check_loader(dm, consumed_samples_per_s: float, batches: int) -> dict:
-    it = iter(dm.train_dataloader())
-    next(it)  # worker start-up
-    t0 = time.perf_counter()
-    n = sum(next(it)["img"].shape[0] for _ in range(batches))
-    rate = n / (time.perf_counter() - t0)
+    from bench.bench_handpose import loader_samples_per_s
+
+    rate = loader_samples_per_s(dm, batches)
     return {"workers": dm.num_workers, "samples_per_s": rate, "stage2_step_consumes": consumed_samples_per_s,
             "ratio": rate / consumed_samples_per_s, "target": 1.5}
 
@@ -289,8 +278,7 @@ def check_mambatalk(device: torch.device, tiny: bool, steps: int) -> dict:
     extra = {"hidden": 32, "audio_f": 16, "motion_f": 16} if tiny else {}
     audio_dim, vocab = 3, 64
     generator = factory(num_speakers=5, vocab_size=vocab, audio_dim=audio_dim, code_dim=vq_kw["code_dim"],
-                        n_codes=vq_kw["n_codes"], **extra) if extra else factory(
-        num_speakers=5, vocab_size=vocab, audio_dim=audio_dim, code_dim=vq_kw["code_dim"], n_codes=vq_kw["n_codes"])
+                        n_codes=vq_kw["n_codes"], **extra)
     vqvaes = {p: VQVAE(p, **vq_kw) for p in VQ_PARTS}
     model = GestureModel(generator, vqvaes, edge_pad=gen_cfg.model.edge_pad).to(device)
     length = int(gen_cfg.model.pose_length)

@@ -386,7 +386,8 @@ class GestureMetrics:
     ) -> None:
         """Add clips: ``pred, gt [T, 320]`` or ``[b, T, 320]`` raw motion (same shape); per clip optionally
         ``wave [S]`` (or ``[b, S]`` / a list) at ``sr`` or ready ``onsets`` in seconds (a list for a batch),
-        ``boundaries`` (frame indices where a new generated window starts: ``gesture.generate.Generation.boundaries``) and ``names``.
+        ``boundaries`` (frame indices where a new generated window starts: ``gesture.generate.Generation.
+        boundaries``) and ``names``.
 
         ``names`` must identify a clip (or window: ``f"{clip}@{start}"``) uniquely: clips of the same name count
         once (a DDP sampler pads its last batch with repeats). Anonymous clips are never merged.

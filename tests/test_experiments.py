@@ -180,6 +180,20 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _train_runner(experiment: str, overrides: list[str], env: dict) -> tuple:
+    """(cmd(run) -> argv, train(run) -> stdout) of `common.train experiment=<experiment>` with ``overrides``."""
+
+    def cmd(run: str) -> list[str]:
+        return [sys.executable, "-m", "common.train", f"experiment={experiment}", f"run_name={run}", *overrides]
+
+    def train(run: str) -> str:
+        proc = subprocess.run(cmd(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{run} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        return proc.stdout
+
+    return cmd, train
+
+
 def test_stage1_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path):
     """A user's sequence: `experiment=stage1` with its default callbacks (EMA, learning curve, RNG state) and
     loggers (wandb offline + CSV), Ctrl-C in epoch 2 after a validation, the same command again. It must end with
@@ -197,13 +211,7 @@ def test_stage1_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_run
               "data.synthetic.image_size=64",
               *STAGE_OVERRIDES["stage1"]]
 
-    def cmd(run: str) -> list[str]:
-        return [sys.executable, "-m", "common.train", "experiment=stage1", f"run_name={run}", *common]
-
-    def train(run: str) -> str:
-        proc = subprocess.run(cmd(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{run} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
-        return proc.stdout
+    cmd, train = _train_runner("stage1", common, env)
 
     train("full")
     run_dir = tmp_path / "out" / "stage1" / "cut"
@@ -262,13 +270,7 @@ def test_mambatalk_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_
               "model.generator.word_dim=8", "model.generator.heads=2", "trainer.max_time=null",
               "trainer.max_epochs=4", "test_after_fit=false"]
 
-    def cmd(run: str) -> list[str]:
-        return [sys.executable, "-m", "common.train", "experiment=mambatalk", f"run_name={run}", *common]
-
-    def train(run: str) -> str:
-        proc = subprocess.run(cmd(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{run} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
-        return proc.stdout
+    cmd, train = _train_runner("mambatalk", common, env)
 
     train("full")
     run_dir = out_root / "mambatalk" / "cut"

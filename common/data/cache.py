@@ -1,8 +1,9 @@
 """Preprocessing caches that invalidate themselves.
 
 A cache folder is keyed by a hash of the preprocessing config and the source files' contents, so a changed
-config or changed data rebuilds it by itself (an edit that keeps a file's size and modification time too). Builders write into a temporary folder that is renamed
-into place only when complete, so an interrupted build never leaves a half cache that looks valid.
+config or changed data rebuilds it by itself (an edit that keeps a file's size and modification time too).
+Builders write into a temporary folder that is renamed into place only when complete, so an interrupted build
+never leaves a half cache that looks valid.
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ def fingerprint(config: Mapping, files: Iterable[Path | str]) -> str:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 content.update(chunk)
-        digest = content.hexdigest()
-        h.update(f"\n{f}\t{digest}".encode())
+        h.update(f"\n{f}\t{content.hexdigest()}".encode())
     return h.hexdigest()
 
 

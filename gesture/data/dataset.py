@@ -71,8 +71,6 @@ class GestureWindowDataset(_CacheSplit):
         return sample
 
 
-
-
 class GestureClipDataset(_CacheSplit):
     """Whole records (test): window fields with ``t = N``, plus ``wave [S]`` float32 with
     ``S = round(N * sr / fps)`` when the split keeps waveforms, and the clip constants under their SAM-3D-Body

@@ -55,7 +55,6 @@ class SpeakerMap:
         except KeyError:
             raise KeyError(f"speaker id {raw_id} is not in the speaker map (known: {self.raw_ids})") from None
 
-
     def to_json(self) -> str:
         return json.dumps({"raw_ids": self.raw_ids, "unknown_index": self.unknown_index})
 

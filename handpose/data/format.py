@@ -271,11 +271,10 @@ def _encode_frame(frame: np.ndarray | bytes | Path | str, quality: int, where: s
         return buf.tobytes(), (frame.shape[1], frame.shape[0])
     data = Path(frame).read_bytes() if isinstance(frame, str | Path) else bytes(frame)
     try:  # strict: a PNG, a truncated file or damaged scan data is refused here, not stored as a broken .jpg
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
+        img = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
     except ValueError as err:
         raise _fail(where, f"frame is not a readable JPEG ({err})") from None
-    return data, (width, height)
+    return data, (img.shape[1], img.shape[0])
 
 
 def write_sequence(

@@ -73,11 +73,12 @@ def load_split(src: Path, set_name: str) -> dict[str, np.ndarray] | None:
     return out
 
 
-def mano_arrays(ann: dict[str, np.ndarray], ids: np.ndarray, layer: ManoLayer) -> dict[str, np.ndarray]:
-    """Per sample: pose, shape, trans (camera space, metres), joints, focal, princpt, bbox, valid."""
-    mano = ann["mano"][ids]
+def mano_arrays(ann: dict[str, np.ndarray], layer: ManoLayer) -> dict[str, np.ndarray]:
+    """Per sample of ``ann`` (K, mano, xyz): pose, shape, trans (camera space, metres), joints, focal, princpt,
+    bbox, valid."""
+    mano = ann["mano"]
     pose, shape, uv_root, scale = mano[:, :48], mano[:, 48:58], mano[:, 58:60], mano[:, 60]
-    K = ann["K"][ids]
+    K = ann["K"]
     focal = np.stack([K[:, 0, 0], K[:, 1, 1]], 1)
     princpt = K[:, :2, 2]
     f = focal.mean(1)
@@ -88,19 +89,18 @@ def mano_arrays(ann: dict[str, np.ndarray], ids: np.ndarray, layer: ManoLayer) -
     verts = rest.vertices.double().numpy() + trans[:, None]
     uv = verts[..., :2] / verts[..., 2:] * focal[:, None] + princpt[:, None]
     bbox = np.concatenate([uv.min(1), uv.max(1)], 1).clip(0, IMAGE_SIZE)
-    valid = np.isfinite(mano).all(1) & np.isfinite(ann["xyz"][ids]).all((1, 2)) & (scale > 0)
+    valid = np.isfinite(mano).all(1) & np.isfinite(ann["xyz"]).all((1, 2)) & (scale > 0)
     valid &= (bbox[:, 2] > bbox[:, 0]) & (bbox[:, 3] > bbox[:, 1])
-    return {"mano_pose": pose, "mano_shape": shape, "mano_trans": trans, "joints_cam": ann["xyz"][ids],
+    return {"mano_pose": pose, "mano_shape": shape, "mano_trans": trans, "joints_cam": ann["xyz"],
             "focal": focal, "princpt": princpt, "bbox": bbox, "valid": valid}
 
 
 def write_block(out: Path, *, src: str, set_name: str, version_index: int, ids: list[int], num_samples: int,
-                name: str, mano_model_path: str | None) -> Path:
-    """One sequence folder of independent samples ``ids`` of ``set_name`` in image version ``version_index``."""
-    ann = load_split(Path(src), set_name)
+                ann: dict[str, np.ndarray], name: str, mano_model_path: str | None) -> Path:
+    """One sequence folder of independent samples ``ids`` of ``set_name`` in image version ``version_index``;
+    ``ann``: their annotations (``load_split`` rows ``ids``)."""
     layer = ManoLayer(mano_model_path, side="right", flat_hand_mean=False)
-    ids_arr = np.asarray(ids)
-    arrays = mano_arrays(ann, ids_arr, layer)
+    arrays = mano_arrays(ann, layer)
     n = len(ids)
     arrays.update(timestamp=np.arange(n, dtype=np.float64), hand_side=np.full(n, RIGHT, np.int8))
     if not arrays["valid"].all():  # the format wants usable values everywhere: copy the nearest valid frame's
@@ -150,8 +150,10 @@ def convert(args: argparse.Namespace) -> dict:
                         continue
                     split = split or ("train" if set_name == "training" else "test")
                     name = f"freihand_{set_name}_{version}_{lo:05d}"
+                    # the annotation files are read once, here; each job gets its own rows
+                    rows = {key: value[lo:hi] for key, value in ann.items()}
                     run = functools.partial(write_block, src=str(src), set_name=set_name, version_index=k,
-                                            ids=list(range(lo, hi)), num_samples=n, name=name,
+                                            ids=list(range(lo, hi)), num_samples=n, ann=rows, name=name,
                                             mano_model_path=mano_path)
                     jobs.append(Job(name, split, run))
     check = functools.partial(check_joints, mano_model_path=mano_path, flat_hand_mean=False)
