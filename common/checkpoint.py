@@ -10,7 +10,7 @@ import fnmatch
 import json
 import logging
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +190,7 @@ def load_weights(
     include: str | None = None,
     expected_missing: Sequence[str] = (),
     min_loaded_fraction: float = 0.5,
+    rename: Callable[[str], str | None] | None = None,
 ) -> LoadReport:
     """Copy the checkpoint's tensors into ``module`` where names and shapes match, and report the rest.
 
@@ -203,6 +204,8 @@ def load_weights(
     shape-mismatched or missing: a checkpoint of another architecture or size, whose few loadable tensors are
     counters and biases) raises ``ValueError`` before touching the module; 0 disables the check.
     ``strict=True`` raises ``RuntimeError`` before touching the module unless everything matches.
+    ``rename`` maps each checkpoint key (after the prefix map) to the module's naming: another library's layout of
+    the same network; ``None`` drops the key (parts the module does not have, such as a classifier), unreported.
     """
     source = read_state_dict(path)
     prefix_map = dict(prefix_map or {})
@@ -214,6 +217,10 @@ def load_weights(
     origin: dict[str, str] = {}
     for raw_key, tensor in source.items():
         name = _apply_prefix_map(strip_wrappers(raw_key), prefix_map)
+        if rename is not None:
+            name = rename(name)
+            if name is None:
+                continue
         if not in_scope(name):
             continue
         if name in checkpoint:

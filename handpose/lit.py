@@ -112,6 +112,8 @@ class HandPoseLit(L.LightningModule):
         lift_batch: int = 0,
         lift_noise: float = 0.04,
         lift_weight: float = 1.0,
+        joint_hint_prob: float = 0.0,
+        joint_hint_noise: float = 0.05,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
@@ -153,11 +155,21 @@ class HandPoseLit(L.LightningModule):
         if self.net.keypoint_head is None:
             return self.loss(self(batch), batch, self.net.translation)
         if self.loss.weights["heatmap_2d"]:
-            pred, keypoints, log_heatmaps = self.net.predict_with_heatmaps(*inputs)
+            pred, keypoints, log_heatmaps = self.net.predict_with_heatmaps(*inputs, joint_hint=self._joint_hint(batch))
             return self.loss(pred, batch, self.net.translation, keypoints_2d=keypoints,
                              keypoint_heatmaps=(log_heatmaps, self.net.keypoint_head.cell_centres))
         pred, keypoints = self.net.predict_with_keypoints(*inputs)
         return self.loss(pred, batch, self.net.translation, keypoints_2d=keypoints)
+
+    def _joint_hint(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """In training, with ``joint_hint_prob``: (ground-truth 2D joints plus Gaussian noise of ``joint_hint_noise``
+        crop sides [b, t, 21, 2], a Bernoulli(joint_hint_prob) choice per frame [b, t]) for the joint MLP."""
+        p = self.hparams.joint_hint_prob
+        if not (self.training and p > 0 and self.net.decoder.uses_joints):
+            return None
+        gt = batch["joints_2d"]
+        noisy = gt + self.hparams.joint_hint_noise * self.net.img_size * torch.randn_like(gt)
+        return noisy, torch.rand(gt.shape[:2], device=gt.device) < p
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)
@@ -186,8 +198,12 @@ class HandPoseLit(L.LightningModule):
         ann = {k: torch.from_numpy(v).to(self.device) for k, v in dataset.sample_annotations(n).items()}
         positions = HeatmapKeypointHead.relative_positions(ann["joints_2d"], self.net.img_size)
         noisy = positions + self.hparams.lift_noise * torch.randn_like(positions)
-        token = self.net.decoder.lift_token(noisy)
-        (pose, _, _), _ = self.net.decoder.decode_token(token, ann["focal"], ann["princpt"])
+        decoder = self.net.decoder
+        token = decoder.lift_token(noisy)
+        if decoder.finger_token:  # the finger token alone gives the fingers; the root is not its job
+            pose = torch.cat([ann["mano_pose"][:, :3], decoder.decode_fingers(token)], dim=-1)
+        else:
+            (pose, _, _), _ = decoder.decode_token(token, ann["focal"], ann["princpt"])
         return self.loss.lift_terms(pose, ann)
 
     def _eval_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, split: str,

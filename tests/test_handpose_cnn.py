@@ -239,3 +239,61 @@ def test_temporal_gate_of_one_returns_the_window_mean_and_zero_returns_the_last_
         torch.testing.assert_close(enc(tokens, ts), tokens[:, -1:])  # identity at start, noise off in eval
         enc.average_gate.fill_(0.1)  # effective gate 10 x 0.1 = 1
         torch.testing.assert_close(enc(tokens, ts), tokens.mean(dim=1, keepdim=True), atol=1e-6, rtol=0)
+
+
+def test_finger_token_alone_gives_the_fingers_and_the_image_token_the_rest():
+    """decoder.finger_token: the hand token is [image token, finger token]; the 15 finger joints depend on the
+    finger token only (the same values decode_fingers gives), the root, shape and translation on the whole token."""
+    torch.manual_seed(0)
+    net = PoseNet("stage2", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "finger_token": 24}, temporal=TEMPORAL,
+                  aux_keypoints=True, freeze_encoder=True).eval()
+    dec = net.decoder
+    assert net.token_dim == dec.dim + 24 and net.temporal.out.out_features == net.token_dim
+    for head in (dec.pose_head, dec.finger_head):  # non-zero weights, so that a dependence would show
+        torch.nn.init.normal_(head.weight, std=0.5)
+    n = 3
+    token = torch.randn(n, net.token_dim)
+    focal, princpt = torch.full((n, 2), 80.0), torch.full((n, 2), IMG / 2)
+    other = token.clone()
+    other[:, : dec.dim] = torch.randn(n, dec.dim)  # another image token, the same finger token
+    a, b = dec.decode_token(token, focal, princpt), dec.decode_token(other, focal, princpt)
+    torch.testing.assert_close(a.mano.pose[:, 3:], b.mano.pose[:, 3:])
+    assert not torch.allclose(a.mano.pose[:, :3], b.mano.pose[:, :3])
+    torch.testing.assert_close(a.mano.pose[:, 3:], dec.decode_fingers(token[:, dec.dim:]))
+    # The frozen encoder's tokens carry both parts, and the whole chain keeps its [b, 1, ...] contract.
+    batch = make_hand_batch(2, 3, IMG)
+    out = net(batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
+    assert out.mano.pose.shape == (2, 1, 48)
+    with pytest.raises(ValueError, match="finger_token needs joint_mlp"):
+        PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "joint_mlp": 0, "finger_token": 8},
+                aux_keypoints=True)
+
+
+def test_joint_hint_replaces_the_heatmap_joints_of_the_chosen_frames_only():
+    """PoseNet's joint_hint (training on noisy GT 2D) changes exactly the chosen frames' tokens, to what the
+    decoder gives for those joints."""
+    net = cnn_net("stage1")
+    batch = make_hand_batch(3, 1, IMG, seed=4)
+    inputs = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
+    use = torch.tensor([[True], [False], [True]])
+    given = batch["joints_2d"]
+    plain = net.predict_with_heatmaps(*inputs)[0].mano.pose
+    hinted = net.predict_with_heatmaps(*inputs, joint_hint=(given, use))[0].mano.pose
+    torch.testing.assert_close(hinted[1], plain[1])
+    assert not torch.allclose(hinted[0], plain[0]) and not torch.allclose(hinted[2], plain[2])
+    # The hinted frames equal a forward whose heatmap head put the joints exactly at the given positions.
+    head = net.keypoint_head
+    original = head.coordinates
+    head.coordinates = lambda log_heatmaps: given[:, 0].to(log_heatmaps.dtype)
+    try:
+        exact = net.predict_with_heatmaps(*inputs)[0].mano.pose
+    finally:
+        head.coordinates = original
+    torch.testing.assert_close(hinted[[0, 2]], exact[[0, 2]])
+
+
+def test_freeze_heads_leaves_only_the_temporal_encoder_trainable():
+    net = PoseNet("stage2", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "finger_token": 16}, temporal=TEMPORAL,
+                  aux_keypoints=True, freeze_encoder=True, freeze_heads=True)
+    trainable = {name.split(".")[0] for name, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"temporal"}

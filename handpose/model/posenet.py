@@ -83,6 +83,8 @@ class PoseNet(nn.Module):
         freeze_encoder: also freeze everything else that makes the per-frame tokens (keypoint head, the decoder's
             projections, query and blocks): the frame tokens are computed without gradients, and only the
             temporal encoder and the output heads train (Stage 2 on a CPU: 7 frames cost 7 forward passes).
+        freeze_heads: also freeze the output heads (pose, fingers, shape, translation): only the temporal encoder
+            trains, so Stage 2 can change a prediction only by refining the token Stage 1's heads read.
         aux_keypoints: add a 2D keypoint head (:func:`make_keypoint_head`: joints of the last frame, for the
             ``keypoints_2d`` auxiliary loss through :meth:`predict_with_keypoints`).
         mano_model_path: the MANO files whose root joint turns crop-space translation into MANO ``trans``
@@ -97,6 +99,7 @@ class PoseNet(nn.Module):
         temporal: Mapping | None = None,
         freeze_backbone: bool = False,
         freeze_encoder: bool = False,
+        freeze_heads: bool = False,
         aux_keypoints: bool = False,
         mano_model_path: str | None = None,
     ) -> None:
@@ -113,7 +116,7 @@ class PoseNet(nn.Module):
             mano_model_path=mano_model_path, joint_in_dim=getattr(self.backbone, "dense_dim", 0), **decoder
         )
         self.temporal = (
-            TemporalEncoder(self.decoder.dim, **dict(temporal or {})) if self.stage is Stage.STAGE2 else None
+            TemporalEncoder(self.decoder.token_dim, **dict(temporal or {})) if self.stage is Stage.STAGE2 else None
         )
         self.keypoint_head = make_keypoint_head(self.backbone) if aux_keypoints else None
         self.backbone_frozen = False
@@ -122,10 +125,15 @@ class PoseNet(nn.Module):
             self.freeze_backbone()
         if freeze_encoder:
             self.freeze_encoder()
+        if freeze_heads:
+            d = self.decoder
+            for head in (d.pose_head, d.finger_head, d.shape_head, d.trans_heads):
+                if head is not None:
+                    head.requires_grad_(False)
 
     @property
     def token_dim(self) -> int:
-        return self.decoder.dim
+        return self.decoder.token_dim
 
     @property
     def img_size(self) -> int:
@@ -201,11 +209,13 @@ class PoseNet(nn.Module):
         return self._encode(img, bbox, focal, princpt)[0]
 
     def _encode(
-        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor
+        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
+        joint_hint: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> hand tokens [b, t, d]; the keypoint head's input for every frame: the backbone's patch tokens
         [b, t, N, C] (ViT) or its dense map [b, t, C, g, g] (CNN); and for a CNN with a heatmap head the joint
-        log-heatmaps [b, t, 21, g * g] (else None)."""
+        log-heatmaps [b, t, 21, g * g] (else None). ``joint_hint`` = (joints [b, t, 21, 2] crop pixels, use [b, t]
+        bool): the joint MLP / tokens of those frames read the given joints instead of the heatmaps' (training)."""
         b, t = img.shape[:2]
         size = self.img_size
         expect_shape(img, (b, t, 3, size, size), "img")
@@ -226,7 +236,9 @@ class PoseNet(nn.Module):
             if isinstance(self.keypoint_head, HeatmapKeypointHead):
                 log_heatmaps = self.keypoint_head.log_heatmaps(dense)  # [(b t), 21, K]
                 if self.decoder.uses_joints:
-                    joint_tokens = self.keypoint_head.joint_features(dense, log_heatmaps)
+                    hint = None if joint_hint is None else (
+                        rearrange(joint_hint[0], "b t j c -> (b t) j c"), rearrange(joint_hint[1], "b t -> (b t)"))
+                    joint_tokens = self.keypoint_head.joint_features(dense, log_heatmaps, hint)
             tokens = self.decoder(patches, rearrange(camera, "b t c -> (b t) c"), joint_tokens)
         tokens = expect_shape(rearrange(tokens, "(b t) d -> b t d", b=b), (b, t, self.token_dim), "frame tokens")
         if log_heatmaps is not None:
@@ -289,13 +301,14 @@ class PoseNet(nn.Module):
 
     def predict_with_heatmaps(
         self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
-        timestamp: torch.Tensor,
+        timestamp: torch.Tensor, joint_hint: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[HandPrediction, torch.Tensor, torch.Tensor]:
         """As :meth:`predict_with_keypoints`, plus the heatmap head's log-probabilities over its cells
-        [b, 1, 21, K] (their centres: ``keypoint_head.cell_centres`` [K, 2]); needs a CNN backbone."""
+        [b, 1, 21, K] (their centres: ``keypoint_head.cell_centres`` [K, 2]); needs a CNN backbone. ``joint_hint``:
+        see :meth:`_encode`."""
         if not isinstance(self.keypoint_head, HeatmapKeypointHead):
             raise RuntimeError("predict_with_heatmaps needs aux_keypoints=True and a CNN backbone (heatmap head)")
-        tokens, _, log_heatmaps = self._encode(img, bbox, focal, princpt)
+        tokens, _, log_heatmaps = self._encode(img, bbox, focal, princpt, joint_hint)
         keypoints = self.keypoint_head.coordinates(log_heatmaps[:, -1])
         pred = self.refine_and_decode(tokens, timestamp, focal, princpt)
         return pred, rearrange(keypoints, "b j c -> b 1 j c"), log_heatmaps[:, -1:]
