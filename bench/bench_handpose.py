@@ -1,7 +1,7 @@
 """Hand pose costs on CPU with the default (CPU-sized) model configs, measured side by side in one run.
 
 Training step time and peak tensor memory of Stage 1 vs Stage 2 (FK + loss on the last frame vs on all T frames,
-the predecessor's way), HandTracker per-frame latency vs recomputing the window, and data-loader throughput vs
+the naive way), HandTracker per-frame latency vs recomputing the window, and data-loader throughput vs
 what a training step consumes. Run: ``python -m bench.bench_handpose [--batch 8 --repeats 5 --threads 1]``.
 Prints markdown tables. Not a test.
 """
@@ -55,7 +55,7 @@ def compose_model(stage: str, num_frame: int) -> tuple[HandPoseLit, dict]:
 
 
 def all_frames_loss(lit: HandPoseLit, pred: HandPrediction, batch: dict) -> dict:
-    """The predecessor's Stage 2 loss: FK and every term on all T frames ([b, T] predictions, here the last
+    """The naive Stage 2 loss: FK and every term on all T frames ([b, T] predictions, here the last
     frame's prediction repeated T times so the network cost is unchanged), emulated as b*T one-frame samples."""
     t = batch["img"].shape[1]
     pred_all = HandPrediction(ManoParams(*(x.repeat(1, t, 1) for x in pred.mano)),
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = {
             "Stage 1 (T=1)": train_step(lit1, batch1),
             f"Stage 2 (T={t}), FK + loss on the last frame": train_step(lit2, batch2),
-            f"Stage 2 (T={t}), FK + loss on all {t} frames (predecessor)": train_step(lit2_all, batch2, True),
+            f"Stage 2 (T={t}), FK + loss on all {t} frames (naive)": train_step(lit2_all, batch2, True),
         }
         step_times = interleaved(steps, args.repeats)
         peaks = {name: peak_tensor_mb(run) for name, run in steps.items()}

@@ -2,7 +2,7 @@
 ``pre_frames``, each seeded with the previous window's last predicted frames, decoded by the frozen VQ-VAEs.
 
 ``GestureModel`` bundles the generator with the VQ-VAEs that turn its codes into motion; ``generate`` runs it over
-a clip. Nothing here writes into an input (seed 002 §2.1: the predecessor overwrote ground truth through a view).
+a clip. Nothing here writes into an input (a window written back through a view would overwrite the ground truth).
 Works in the normalised motion space; de-normalising and file output are ``gesture.infer``'s job.
 """
 

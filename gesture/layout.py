@@ -8,8 +8,8 @@ than re-typing slices. Works on numpy arrays and torch tensors with any leading 
     face   [238:313)  expr_params (72) then jaw = body_pose_params[130:133]
     global [313:320)  global_rot (3, Euler ZYX) then foot contact (4, CONTACT_JOINTS order)
 
-``cam_t`` is *not* in the vector (a per-clip constant, see ``ClipConstants``): the predecessor learnt it per frame
-and the rendered camera zoomed in and out.
+``cam_t`` is *not* in the vector (a per-clip constant, see ``ClipConstants``): learnt per frame, it makes the
+rendered camera zoom in and out.
 """
 
 from __future__ import annotations

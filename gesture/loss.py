@@ -1,5 +1,5 @@
 """MambaTalk's training loss on the 320-d MHR layout: latent regression and code classification per part, plus the
-MHR port's velocity / acceleration terms on motion decoded by the frozen VQ-VAEs (seed 002 §3.2-3.3).
+velocity / acceleration terms on motion decoded by the frozen VQ-VAEs (codes alone leave the motion jittery).
 
 Every term compares tensors of the exact same shape (``common.shapes.assert_same_shape``); nothing broadcasts.
 No model code and no pass / masking logic here (``gesture.module``).
@@ -77,7 +77,7 @@ def acceleration(x: torch.Tensor) -> torch.Tensor:
 
 
 class MambaTalkLoss(nn.Module):
-    """Weighted sum of MambaTalk's terms (defaults: the MHR port's V3 weights, seed 002 §5).
+    """Weighted sum of MambaTalk's terms (defaults: the weights measured for the MHR layout, README).
 
     Args:
         latent: MSE weight per part between the predicted and the VQ latent ("global": the regressed global slice,

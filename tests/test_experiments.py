@@ -1,6 +1,6 @@
 """Every experiment config composes (a broken config must fail here, not an hour into `make`), the paper recipes
 say what the README promises, Stage 1 -> Stage 2 runs through the real entrypoint, and a failing wandb never stops
-a run (seed 002 §1.4: an end-of-training logging call crashed the predecessor after the model was saved)."""
+a run (an end-of-training logging call that raises would crash a run after its model was saved)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ def test_paper_recipes_are_the_papers(tmp_path):
     assert ddp.trainer.strategy.process_group_backend == "nccl" and ddp.trainer.sync_batchnorm
     paper = _compose(tmp_path, "experiment=mambatalk_paper")
     assert paper.model.generator.hidden == 768 and paper.model.generator.decoder_layers == 8
+    # MambaTalk's method as published: code targets, regressed contact, no blending, no speed terms.
+    assert paper.model.latent_target == "quantised" and paper.model.decode_from is None
+    assert paper.model.generator.contact == "regress" and paper.model.boundary_blend == 0
+    assert paper.model.loss.contact == 0 and not any(paper.model.loss.speed.values())
 
 
 def test_cpu_hand_models_instantiate_with_the_stage1_checkpoint_path_under_output_root(tmp_path):

@@ -1,5 +1,5 @@
 """Autoregressive generation: the window plan keeps every frame (no dropped tail), inputs stay bitwise unchanged
-(seed 002 §2.1: the predecessor wrote predicted seeds into a view of the ground truth), audio windows start at the
+(predicted seeds written into a view would overwrite the ground truth), audio windows start at the
 exact sample of their frame (no 533-per-frame drift), and streaming equals the windowed path on the first window."""
 
 from __future__ import annotations

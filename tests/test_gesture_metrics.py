@@ -113,7 +113,7 @@ def test_fgd_skipped_with_exactly_one_warning(defect, tmp_path, caplog):
     path = tmp_path / f"{defect}.ckpt"
     if defect == "corrupt":
         path.write_bytes(b"not a checkpoint")
-    elif defect == "wrong_dims":  # the predecessor's 323-d layout
+    elif defect == "wrong_dims":  # an encoder of another motion layout (323-d)
         save_encoder(path, MotionEncoder(pose_dim=323, parts=None, **TINY_ENCODER))
     with caplog.at_level(logging.WARNING, logger="gesture.metrics"):
         metrics = GestureMetrics(encoder_ckpt=path)

@@ -1,6 +1,6 @@
 """HandPoseLoss: last-frame-only supervision, exact shapes, FK on one frame, inputs never modified.
 
-Regressions of seed 000 (Stage 2 "predict only the last frame"): broadcasting [b,7,48] against [b,1,48],
+Regressions of Stage 2's "predict only the last frame" contract: broadcasting [b,7,48] against [b,1,48],
 FK on all frames, `trans_pred` scaled in place.
 """
 

@@ -1,6 +1,6 @@
 """PoseNet shapes, Stage 1 -> Stage 2 equivalence and weight loading, backbone freezing, HandPoseLit wiring.
 
-Regression of seed 000: after the temporal encoder the sequence axis is 1, and no reshape may fold the batch
+Regression: after the temporal encoder the sequence axis is 1, and no reshape may fold the batch
 (`b` samples must stay `b` independent samples, whatever t is).
 """
 

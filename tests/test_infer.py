@@ -1,6 +1,6 @@
 """Inference end to end on a tiny synthetic corpus: a tiny MambaTalk trained two steps by Lightning, tested against
 baselines, saved; the checkpoint alone rebuilds the model; wav + TextGrid -> an npz with every SAM-3D-Body key and
-the per-clip render constants (seed 002 §2.2, §3.1: constants present, cam_t constant); test-split mode."""
+the per-clip render constants (constants present, cam_t constant over the clip); test-split mode."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _check_result(path: Path, n: int) -> dict[str, np.ndarray]:
         assert d[k].shape == (n, size), k
         assert np.isfinite(d[k]).all(), k
     for k, shape in CONSTANT_SHAPES.items():
-        assert d[k].shape == shape, k  # per-clip constants: one value, never per frame (cam_t jitter, seed §3.1)
+        assert d[k].shape == shape, k  # per-clip constants: one value, never per frame (a per-frame cam_t jitters the camera)
     return d
 
 

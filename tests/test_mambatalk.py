@@ -1,4 +1,4 @@
-"""MambaTalk generator and its LightningModule: shape contracts, speaker-id validation (seed 002 §1.1), masking that
+"""MambaTalk generator and its LightningModule: shape contracts, speaker-id validation (never clamped), masking that
 never leaks the values to generate, the loss against float64 / numpy references, frozen VQ-VAEs, the mask-ratio
 schedule, and the NaN-loss skip (counted, weights untouched, raising after N in a row)."""
 
@@ -105,7 +105,7 @@ def test_out_of_range_speaker_raises_before_the_embedding(bad):
     x = inputs()
     with pytest.raises(ValueError, match=rf"speaker ids \[{bad}\].*\[0, {SPEAKERS.num_embeddings - 1}\]"):
         model(**{**x, "speaker": torch.tensor([0, bad])})
-    assert calls == [], "the embedding must never see an invalid id (the predecessor clamped -1 to 0)"
+    assert calls == [], "the embedding must never see an invalid id (clamping -1 to 0 would train speaker 0)"
 
 
 def test_raw_unknown_speaker_maps_to_the_unknown_row():
@@ -497,7 +497,7 @@ def test_frozen_vqvae_guard_counters_are_logged_by_the_generator():
 
 
 def test_missing_fgd_encoder_warns_and_training_goes_on_with_val_loss_as_monitor(tmp_path, caplog):
-    """seed 002 §1.3: the FID model did not fit the new data and crashed training. Here: one warning, no FGD, and
+    """An FGD encoder that does not fit the data must not crash training: one warning, no FGD, and
     the best checkpoint follows val/loss instead of a metric that will never be logged."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 

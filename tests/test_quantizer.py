@@ -1,4 +1,4 @@
-"""Quantizer: nearest-code lookup against a float64 brute force, the NaN/Inf/index guards of seed 002 §1.2
+"""Quantizer: nearest-code lookup against a float64 brute force, the NaN/Inf/index guards
 (finite outputs, in-range indices, counted and warned), straight-through gradients, EMA and dead-code re-init."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Raw speaker ids (BEAT clip names, per-clip ``vid``) to contiguous embedding indices with one unknown slot.
 
-The predecessor fed ``vid = -1`` straight into ``nn.Embedding`` and crashed on the GPU; here -1 / None map to
+``vid = -1`` (unknown speaker) fed straight into ``nn.Embedding`` crashes on the GPU; here -1 / None map to
 the reserved ``unknown_index`` and any other id outside the map raises, so no invalid index leaves the loader.
 """
 

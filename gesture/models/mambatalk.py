@@ -409,7 +409,7 @@ class MambaTalk(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- checks
     def check_speakers(self, speaker: torch.Tensor) -> None:
-        """Raise ``ValueError`` naming the ids outside ``[0, num_speakers)``; never clamps (seed 002 §1.1)."""
+        """Raise ``ValueError`` naming the ids outside ``[0, num_speakers)``; never clamps (a clamped id silently trains another speaker's embedding)."""
         if speaker.is_floating_point() or speaker.dtype == torch.bool:
             raise TypeError(f"speaker ids must be an integer tensor, got {speaker.dtype}")
         bad = (speaker < 0) | (speaker >= self.num_speakers)

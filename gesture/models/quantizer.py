@@ -1,6 +1,6 @@
 """Nearest-neighbour vector quantiser with a straight-through gradient, guarded against non-finite input.
 
-The guard is the MHR port's fix (seed 002 §1.2: NaN encoder output -> undefined argmin -> Embedding crash), but
+The guard exists because a NaN encoder output makes the argmin undefined and the codebook lookup crash, but
 nothing is hidden: every replaced value and every clamped index is counted in a buffer and warned about once.
 Codebook usage / perplexity helpers live here too; training wiring is in ``gesture.vq_module``.
 """
