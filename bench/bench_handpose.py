@@ -47,9 +47,10 @@ def compose_model(stage: str, num_frame: int) -> tuple[HandPoseLit, dict]:
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[f"model=handpose_{stage}", "data=hand_synthetic", "experiment_name=bench",
                                           f"data.num_frame={num_frame}", "model.stage1_weight=null",
-                                          # the auxiliary patch-keypoint loss (one Linear over the patches) is
-                                          # left out, so every row times the same MANO loss
-                                          "model.net.aux_keypoints=false", "model.loss.weights.keypoints_2d=0"])
+                                          # the network as configured (its heatmap head feeds the joint MLP);
+                                          # the 2D keypoint loss terms are left out, so every row times the
+                                          # same MANO loss
+                                          "model.loss.weights.heatmap_2d=0", "model.loss.weights.keypoints_2d=0"])
     cfg.data.img_size = cfg.model.net.backbone.img_size  # as the experiments do
     return instantiate(cfg.model), OmegaConf.to_container(cfg.data, resolve=True)
 

@@ -30,3 +30,18 @@ def test_gpu_check_runs_on_cpu_and_marks_its_report_tiny(tmp_path):
     assert parts["mambatalk"]["real_time_factor"] > 0
     if not torch.cuda.is_available():
         assert saved["device"] == "cpu" and parts["stage1_recipe"]["mfu"] is None
+
+
+def test_bench_hand_builds_the_default_models_and_steps_them():
+    """`make bench-hand` times the default configs as they are: its models must build (a config the bench overrode
+    into an invalid network once made the whole benchmark fail) and a Stage 2 step must run on its data."""
+    from bench import bench_handpose
+
+    lit1, _ = bench_handpose.compose_model("stage1", 1)
+    lit2, data2 = bench_handpose.compose_model("stage2", 3)
+    assert lit1.net.keypoint_head is not None and lit2.net.temporal is not None
+    from test_handpose_loss import make_hand_batch
+
+    batch = make_hand_batch(2, 3, lit2.net.img_size)
+    bench_handpose.train_step(lit2, batch)()
+    bench_handpose.train_step(lit2, batch, all_frames=True)()
