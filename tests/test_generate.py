@@ -17,7 +17,7 @@ from gesture.generate import (
     join_parts,
     plan_windows,
 )
-from gesture.layout import PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS
+from gesture.layout import GLOBAL_ROT_DIM, PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
 
@@ -282,6 +282,13 @@ def test_boundary_blend_leaves_classified_foot_contact_a_decision():
     mean, std = torch.tensor([0.3, 0.5, 0.2, 0.6]), torch.tensor([0.5, 0.4, 0.3, 0.45])
     model.generator.set_contact_stats(mean, std)
     model.boundary_blend = 8
+    # Contact logits that change sign from frame to frame, so that the decisions on the two sides of a boundary
+    # differ (a blend over them then leaves values between 0 and 1).
+    with torch.no_grad():
+        rows = model.generator.to_global.weight[GLOBAL_ROT_DIM:]
+        rows.copy_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(3)) * 5.0)
+        model.generator.to_global.bias[GLOBAL_ROT_DIM:] = 0.0
     out = generate(model, audio, words, speaker, gt[:, :PRE], n)
     raw = out.motion[0, PRE:, SUB_SLICES["contact"]] * std + mean
+    assert 0 < float(raw.mean()) < 1  # both decisions occur
     assert ((raw - 0).abs() < 1e-5).logical_or((raw - 1).abs() < 1e-5).all(), raw[(raw > 1e-5) & (raw < 1 - 1e-5)]
