@@ -23,7 +23,7 @@ def test_efficientnet_lite0_weights_match_the_reference_implementation(caplog):
     reference = EfficientNet.from_name("efficientnet-lite0")
     reference.load_state_dict(source)
     ours = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    rename = efficientnet_keys_to_timm([len(stage) for stage in ours.blocks])
+    rename = efficientnet_keys_to_timm(ours)
     renamed = {rename(k): v for k, v in source.items() if rename(k) is not None}
     # What the renamer drops (head and classifier) is what the backbone does not have.
     assert sorted(set(source) - {k for k in source if rename(k) is not None}) == sorted(

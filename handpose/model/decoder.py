@@ -377,6 +377,11 @@ class HandDecoder(nn.Module):
         expect_shape(positions, (n, self.num_joints, 2), "joint positions")
         return self.joint_mlp_net(positions.flatten(1))
 
+    def output_heads(self) -> list[nn.Module]:
+        """What turns the hand token into MANO parameters: the pose (or root), finger, shape and translation heads."""
+        return [self.pose_head, *((self.finger_head,) if self.finger_head is not None else ()), self.shape_head,
+                self.trans_heads]
+
     def decode_fingers(self, finger_token: torch.Tensor) -> torch.Tensor:
         """finger token [n, finger_token] -> the 15 finger joints' axis-angles [n, 45] (MANO order, the pose's
         last 45 values); needs ``finger_token > 0``."""
@@ -400,11 +405,12 @@ class HandDecoder(nn.Module):
         expect_shape(token, (n, self.token_dim), "hand token")
         expect_shape(focal, (n, 2), "focal")
         expect_shape(princpt, (n, 2), "princpt")
-        delta = self.pose_head(token)
-        if self.finger_head is not None:
-            delta = torch.cat([delta, self.finger_head(token[:, self.dim:])], dim=-1)
-        pose_6d = (self.init_pose_6d + delta).unflatten(-1, (NUM_POSE_JOINTS, 6))
-        pose = rotation_6d_to_axis_angle(pose_6d).flatten(-2)
+        if self.finger_head is not None:  # the root from the whole token, the fingers from the finger token
+            root_6d = self.init_pose_6d[:6] + self.pose_head(token)
+            pose = torch.cat([rotation_6d_to_axis_angle(root_6d), self.decode_fingers(token[:, self.dim:])], dim=-1)
+        else:
+            pose_6d = (self.init_pose_6d + self.pose_head(token)).unflatten(-1, (NUM_POSE_JOINTS, 6))
+            pose = rotation_6d_to_axis_angle(pose_6d).flatten(-2)
         shape = self.init_shape + self.shape_head(token)
         log_heatmaps = tuple(F.log_softmax(head(token), dim=-1) for head in self.trans_heads)
         # trans comes from the expectation over bin centres, so it always agrees with the heatmaps.

@@ -126,10 +126,8 @@ class PoseNet(nn.Module):
         if freeze_encoder:
             self.freeze_encoder()
         if freeze_heads:
-            d = self.decoder
-            for head in (d.pose_head, d.finger_head, d.shape_head, d.trans_heads):
-                if head is not None:
-                    head.requires_grad_(False)
+            for head in self.decoder.output_heads():
+                head.requires_grad_(False)
 
     @property
     def token_dim(self) -> int:
