@@ -191,6 +191,7 @@ def load_weights(
     expected_missing: Sequence[str] = (),
     min_loaded_fraction: float = 0.5,
     rename: Callable[[str], str | None] | None = None,
+    require_clean: bool = False,
 ) -> LoadReport:
     """Copy the checkpoint's tensors into ``module`` where names and shapes match, and report the rest.
 
@@ -204,6 +205,9 @@ def load_weights(
     shape-mismatched or missing: a checkpoint of another architecture or size, whose few loadable tensors are
     counters and biases) raises ``ValueError`` before touching the module; 0 disables the check.
     ``strict=True`` raises ``RuntimeError`` before touching the module unless everything matches.
+    ``require_clean=True`` raises ``ValueError`` before touching the module when anything but ``expected_missing``
+    is missing, unexpected or shape-mismatched (after the ``min_loaded_fraction`` check, whose message names a
+    checkpoint of another architecture).
     ``rename`` maps each checkpoint key (after the prefix map) to the module's naming: another library's layout of
     the same network; ``None`` drops the key (parts the module does not have, such as a classifier), unreported.
     """
@@ -260,6 +264,9 @@ def load_weights(
             f"load ({len(report.mismatched)} shape-mismatched, {len(report.missing)} missing): the checkpoint is "
             f"of another architecture or size; nothing was loaded.\n{_strict_listing(report)}"
         )
+    if require_clean and not report.clean:
+        raise ValueError(f"{path} does not fit this {type(module).__name__}; nothing was loaded.\n"
+                         f"{_strict_listing(report)}")
     module.load_state_dict(to_load, strict=False)
     level = logging.INFO if report.clean else logging.WARNING
     log.log(level, "weights from %s: %s", path, report.summary())

@@ -96,7 +96,8 @@ class HandPoseLit(L.LightningModule):
             many annotations of the training split without images (GT 2D joints + Gaussian noise of
             ``lift_noise`` crop sides -> pose; the ``pose`` and ``joints`` terms, weighted by ``lift_weight``).
             2D -> 3D lifting needs far more samples than the image path can afford on a CPU, and costs no
-            convolution. 0 = off.
+            convolution. 0 = off. With ``decoder.joint_depth`` the ground-truth relative depths
+            (``HeatmapKeypointHead.relative_depths``) plus noise of ``lift_depth_noise`` go in beside them.
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class HandPoseLit(L.LightningModule):
         lift_batch: int = 0,
         lift_noise: float = 0.04,
         lift_weight: float = 1.0,
+        lift_depth_noise: float = 0.05,
         joint_hint_prob: float = 0.0,
         joint_hint_noise: float = 0.05,
     ) -> None:
@@ -155,9 +157,11 @@ class HandPoseLit(L.LightningModule):
         if self.net.keypoint_head is None:
             return self.loss(self(batch), batch, self.net.translation)
         if self.loss.weights["heatmap_2d"]:
-            pred, keypoints, log_heatmaps = self.net.predict_with_heatmaps(*inputs, joint_hint=self._joint_hint(batch))
+            pred, keypoints, log_heatmaps, depths = self.net.predict_with_heatmaps(
+                *inputs, joint_hint=self._joint_hint(batch))
             return self.loss(pred, batch, self.net.translation, keypoints_2d=keypoints,
-                             keypoint_heatmaps=(log_heatmaps, self.net.keypoint_head.cell_centres))
+                             keypoint_heatmaps=(log_heatmaps, self.net.keypoint_head.cell_centres),
+                             joint_depths=depths)
         pred, keypoints = self.net.predict_with_keypoints(*inputs)
         return self.loss(pred, batch, self.net.translation, keypoints_2d=keypoints)
 
@@ -199,6 +203,10 @@ class HandPoseLit(L.LightningModule):
         positions = HeatmapKeypointHead.relative_positions(ann["joints_2d"], self.net.img_size)
         noisy = positions + self.hparams.lift_noise * torch.randn_like(positions)
         decoder = self.net.decoder
+        if decoder.joint_depth:  # ground-truth relative depths plus noise as the third coordinate
+            depths = HeatmapKeypointHead.relative_depths(ann["joints_cam"], ann["focal"], self.net.img_size)
+            depths = depths + self.hparams.lift_depth_noise * torch.randn_like(depths)
+            noisy = torch.cat([noisy, depths[..., None]], dim=-1)
         token = decoder.lift_token(noisy)
         if decoder.finger_token:  # the finger token alone gives the fingers; the root is not its job
             pose = torch.cat([ann["mano_pose"][:, :3], decoder.decode_fingers(token)], dim=-1)

@@ -15,11 +15,18 @@ from torch import nn
 from common.mano import JOINT_NAMES_21, ManoLayer
 from common.rotations import axis_angle_to_matrix
 from common.shapes import assert_same_shape, expect_shape
-from handpose.model.decoder import NUM_POSE_JOINTS, POSE_DIM, SHAPE_DIM, HandPrediction, TranslationBins
+from handpose.model.decoder import (
+    NUM_POSE_JOINTS,
+    POSE_DIM,
+    SHAPE_DIM,
+    HandPrediction,
+    HeatmapKeypointHead,
+    TranslationBins,
+)
 
-LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d", "keypoints_2d", "heatmap_2d")
+LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d", "keypoints_2d", "heatmap_2d", "joint_depth")
 DEFAULT_WEIGHTS = {"pose": 1.0, "shape": 0.1, "trans": 0.1, "joints": 10.0, "verts": 10.0, "joints_2d": 1.0,
-                   "keypoints_2d": 0.0, "heatmap_2d": 0.0}
+                   "keypoints_2d": 0.0, "heatmap_2d": 0.0, "joint_depth": 0.0}
 log = logging.getLogger(__name__)
 
 WRIST = JOINT_NAMES_21.index("wrist")
@@ -135,6 +142,7 @@ class HandPoseLoss(nn.Module):
     def forward(
         self, pred: HandPrediction, batch: Mapping[str, torch.Tensor], translation: TranslationBins,
         keypoints_2d: torch.Tensor | None = None, keypoint_heatmaps: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_depths: torch.Tensor | None = None,
     ) -> dict:
         """pred (pose [b, 1, 48], shape [b, 1, 10], trans [b, 1, 3]), 3 x [b, 1, B]; batch [b, t, ...] -> dict.
 
@@ -146,6 +154,8 @@ class HandPoseLoss(nn.Module):
         ``keypoint_heatmaps``: (log-probabilities [b, 1, 21, K], cell centres [K, 2] crop pixels) of the heatmap
         head, required when the ``heatmap_2d`` weight is not 0: cross-entropy against a Gaussian of
         ``heatmap_2d_sigma`` cells around each GT joint that lies inside the crop.
+        ``joint_depths [b, 1, 21]``: the heatmap head's relative joint depths (``decoder.joint_depth``), required
+        when the ``joint_depth`` weight is not 0: L1 against ``HeatmapKeypointHead.relative_depths`` of the GT.
 
         Returns ``loss`` (weighted total), ``terms`` (unweighted, by name) and last-frame tensors
         ``joints_cam_pred/gt [b, 1, 21, 3]``, ``verts_cam_pred/gt [b, 1, 778, 3]``, ``joints_2d_pred
@@ -235,6 +245,16 @@ class HandPoseLoss(nn.Module):
                              "(PoseNet.predict_with_heatmaps, a CNN backbone with aux_keypoints=True)")
         else:
             terms["heatmap_2d"] = torch.zeros((), dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
+
+        if joint_depths is not None:
+            target = HeatmapKeypointHead.relative_depths(joints_cam_gt, last["focal"], width)
+            assert_same_shape(joint_depths, target, "joint_depths", "relative depths of joints_cam[:, -1:]")
+            terms["joint_depth"] = masked_mean((joint_depths - target).abs().mean(dim=-1), weight)
+        elif self.weights["joint_depth"]:
+            raise ValueError("loss weight joint_depth > 0 needs the heatmap head's joint depths "
+                             "(model.net.decoder.joint_depth: true)")
+        else:
+            terms["joint_depth"] = torch.zeros((), dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
 
         total = sum(self.weights[name] * terms[name] for name in LOSS_TERMS)
         return {

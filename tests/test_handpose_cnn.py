@@ -84,9 +84,9 @@ def test_heatmap_target_peaks_at_the_joint_and_masks_joints_outside_the_crop():
 def test_heatmap_loss_term_is_positive_and_needs_the_heatmap_heads_output():
     net = cnn_net()
     batch = make_hand_batch(4, 1, IMG, seed=3)
-    pred, keypoints, log_hm = net.predict_with_heatmaps(batch["img"], batch["bbox"], batch["focal"],
-                                                        batch["princpt"], batch["timestamp"])
-    assert keypoints.shape == (4, 1, 21, 2) and log_hm.shape == (4, 1, 21, (IMG // 4) ** 2)
+    pred, keypoints, log_hm, depths = net.predict_with_heatmaps(batch["img"], batch["bbox"], batch["focal"],
+                                                                batch["princpt"], batch["timestamp"])
+    assert keypoints.shape == (4, 1, 21, 2) and log_hm.shape == (4, 1, 21, (IMG // 4) ** 2) and depths is None
     loss = HandPoseLoss(weights={"heatmap_2d": 1.0, "keypoints_2d": 1.0})
     out = loss(pred, batch, net.translation, keypoints_2d=keypoints, keypoint_heatmaps=(log_hm, net.keypoint_head.cell_centres))
     assert torch.isfinite(out["terms"]["heatmap_2d"]) and out["terms"]["heatmap_2d"] > 0
@@ -297,3 +297,82 @@ def test_freeze_heads_leaves_only_the_temporal_encoder_trainable():
                   aux_keypoints=True, freeze_encoder=True, freeze_heads=True)
     trainable = {name.split(".")[0] for name, p in net.named_parameters() if p.requires_grad}
     assert trainable == {"temporal"}
+
+
+def test_relative_depths_are_the_joints_depth_behind_the_wrist_in_crop_sides_and_free_of_distance():
+    """HeatmapKeypointHead.relative_depths against float64 numpy: (Z - Z_wrist) / Z_wrist * mean(f) / S; the wrist's
+    is 0, and moving the hand along its ray (every point scaled by k, same camera) leaves them unchanged, as it leaves
+    the 2D joints (relative_positions) unchanged: together they are the hand's 3D shape up to its distance."""
+    rng = np.random.default_rng(0)
+    joints = rng.normal(0, 0.04, (3, 21, 3)) + np.array([0.05, -0.02, 0.5])
+    focal = np.array([[300.0, 310.0], [250.0, 250.0], [400.0, 390.0]])
+    z = joints[..., 2]
+    ref = (z - z[:, :1]) / z[:, :1] * focal.mean(-1, keepdims=True) / IMG
+    got = HeatmapKeypointHead.relative_depths(torch.tensor(joints), torch.tensor(focal), IMG)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)
+    assert torch.all(got[:, 0] == 0)
+    far = HeatmapKeypointHead.relative_depths(torch.tensor(joints * 1.7), torch.tensor(focal), IMG)
+    torch.testing.assert_close(far, got)
+
+
+def test_joint_depth_head_reads_each_joints_depth_map_under_its_heatmap_and_feeds_the_joint_mlp():
+    """decoder.joint_depth: the heatmap head's depth of joint j is its depth map averaged under its heatmap (explicit
+    sum over cells); the joint MLP takes (u, v, depth) per joint, so the finger token changes with the depths; the loss
+    term is the mean absolute difference to relative_depths of the GT, and a weight without depths is an error."""
+    torch.manual_seed(0)
+    decoder = {**CNN_DECODER, "finger_token": 16, "joint_depth": True}
+    net = PoseNet("stage1", backbone=CNN_BACKBONE, decoder=decoder, aux_keypoints=True).eval()
+    head, dec = net.keypoint_head, net.decoder
+    assert dec.joint_mlp_net[0].in_features == 21 * 3
+    dense = torch.randn(2, net.backbone.dense_dim, IMG // 4, IMG // 4)
+    log_hm, depths = head.maps(dense)
+    maps = head.depth_maps(head.logits[:-1](dense)).flatten(2)
+    ref = torch.stack([torch.stack([(log_hm[n, j].exp() * maps[n, j]).sum() for j in range(21)]) for n in range(2)])
+    torch.testing.assert_close(depths, ref)
+    torch.testing.assert_close(log_hm, head.log_heatmaps(dense))
+    features = head.joint_features(dense, log_hm, depths=depths)
+    assert features.shape == (2, 21, net.backbone.dense_dim + 3)
+    torch.testing.assert_close(features[..., -1], depths)
+    positions = features[..., -3:]
+    other = positions.clone()
+    other[..., 2] += 0.3
+    assert not torch.allclose(dec.lift_token(positions), dec.lift_token(other))
+    with pytest.raises(ShapeError):
+        dec.lift_token(positions[..., :2])
+    batch = make_hand_batch(3, 1, IMG, seed=5)
+    pred, keypoints, log_hm, depths = net.predict_with_heatmaps(batch["img"], batch["bbox"], batch["focal"],
+                                                                batch["princpt"], batch["timestamp"])
+    assert depths.shape == (3, 1, 21)
+    loss = HandPoseLoss(weights={"joint_depth": 1.0})
+    out = loss(pred, batch, net.translation, joint_depths=depths)
+    target = HeatmapKeypointHead.relative_depths(batch["joints_cam"][:, -1:], batch["focal"][:, -1:], IMG)
+    torch.testing.assert_close(out["terms"]["joint_depth"], (depths - target).abs().mean())
+    with pytest.raises(ValueError, match="joint_depth"):
+        loss(pred, batch, net.translation)
+    with pytest.raises(ValueError, match="joint_depth"):
+        PoseNet("stage1", backbone=CNN_BACKBONE, decoder=decoder, aux_keypoints=False)
+
+
+def test_finger_features_start_at_zero_and_then_add_the_pooled_joint_features_to_the_finger_token():
+    """decoder.finger_features: zero-initialised, so the hand token equals the position-only one at start; with
+    non-zero weights the finger token depends on the pooled features; Stage 2's frozen encoder freezes it."""
+    torch.manual_seed(0)
+    plain = PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "finger_token": 16},
+                    aux_keypoints=True).eval()
+    torch.manual_seed(0)
+    net = PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "finger_token": 16, "finger_features": 8},
+                  aux_keypoints=True).eval()
+    net.load_state_dict(plain.state_dict(), strict=False)
+    batch = make_hand_batch(2, 1, IMG, seed=6)
+    args = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"])
+    torch.testing.assert_close(net.encode_frames(*args), plain.encode_frames(*args))
+    torch.nn.init.normal_(net.decoder.finger_feature_net[-1].weight)
+    changed = net.encode_frames(*args)
+    dim = net.decoder.dim
+    torch.testing.assert_close(changed[..., :dim], plain.encode_frames(*args)[..., :dim])
+    assert not torch.allclose(changed[..., dim:], plain.encode_frames(*args)[..., dim:])
+    frozen = PoseNet("stage2", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "finger_token": 16, "finger_features": 8},
+                     temporal=TEMPORAL, aux_keypoints=True, freeze_encoder=True)
+    assert not any(p.requires_grad for p in frozen.decoder.finger_feature_net.parameters())
+    with pytest.raises(ValueError, match="finger_features needs finger_token"):
+        PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "finger_features": 8}, aux_keypoints=True)

@@ -194,6 +194,29 @@ def test_stage1_of_another_architecture_is_an_error(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in stage2.state_dict().items())
 
 
+def test_stage1_of_another_configuration_is_an_error_even_when_most_tensors_fit(tmp_path):
+    """A Stage 1 made with another decoder option (one extra sub-network, one head of another width) fits most
+    tensors; loading it would leave the rest at their random initialisation under Stage 2's frozen heads. Each of a
+    missing key, an unexpected key and a shape mismatch is an error naming the key, and nothing is loaded."""
+    stage1 = make_net("stage1", kind="cnn", decoder={**CNN_DECODER, "finger_token": 16})
+    state = {f"net.{k}": v for k, v in stage1.state_dict().items()}
+    cases = {
+        "missing": {k: v for k, v in state.items() if not k.startswith("net.decoder.finger_head.")},
+        "unexpected": {**state, "net.decoder.extra.weight": torch.zeros(2)},
+        "shape-mismatched": {**state, "net.decoder.finger_head.bias": torch.zeros(7)},
+    }
+    for kind, tampered in cases.items():
+        torch.save({"state_dict": tampered}, tmp_path / f"{kind}.ckpt")
+        stage2 = make_net("stage2", kind="cnn", decoder={**CNN_DECODER, "finger_token": 16})
+        before = {k: v.clone() for k, v in stage2.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"stage1_weight: .*{kind}\.ckpt does not fit(.|\n)*{kind} \([12]\): \[\w*\.?decoder\."):
+            stage2.load_stage1(tmp_path / f"{kind}.ckpt")
+        assert all(torch.equal(v, before[k]) for k, v in stage2.state_dict().items())
+    torch.save({"state_dict": state}, tmp_path / "good.ckpt")
+    stage2 = make_net("stage2", kind="cnn", decoder={**CNN_DECODER, "finger_token": 16})
+    _assert_stage1_loaded(stage2, stage1, stage2.load_stage1(tmp_path / "good.ckpt"))
+
+
 def test_load_stage1_from_an_accelerate_folder(tmp_path):
     stage1 = make_net("stage1", seed=1)
     folder = tmp_path / "checkpoint-9000"

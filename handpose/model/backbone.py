@@ -195,6 +195,7 @@ class CNNBackbone(nn.Module):
         weight: optional local ``.safetensors`` / ``.pth`` file of the CNN (timm layout), or ``"imagenet"``: the
             ImageNet weights bundled in a registry package (:data:`BUNDLED_IMAGENET`); never downloaded.
         dense_dim: channels of the fused dense map.
+        drop_path_rate: stochastic depth of the CNN's residual blocks (timm's ``drop_path_rate``).
     """
 
     def __init__(
@@ -204,10 +205,12 @@ class CNNBackbone(nn.Module):
         out_indices: tuple[int, ...] = (1, 2, 3),
         weight: str | None = None,
         dense_dim: int = 64,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.name = name
-        self.cnn = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(out_indices))
+        self.cnn = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(out_indices),
+                                     drop_path_rate=drop_path_rate)
         channels, strides = self.cnn.feature_info.channels(), self.cnn.feature_info.reduction()
         if img_size % strides[-1]:
             raise ValueError(f"model.net.backbone.img_size {img_size} is not a multiple of {name}'s stride {strides[-1]}")

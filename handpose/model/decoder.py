@@ -185,7 +185,8 @@ class HeatmapKeypointHead(nn.Module):
     heatmap per joint: a far denser signal for the backbone than an 8 x 8 patch grid.
     """
 
-    def __init__(self, in_dim: int, stride: int, img_size: int, num_joints: int = 21, hidden: int = 64) -> None:
+    def __init__(self, in_dim: int, stride: int, img_size: int, num_joints: int = 21, hidden: int = 64,
+                 depth: bool = False) -> None:
         super().__init__()
         if img_size % stride:
             raise ValueError(f"heatmap stride {stride} does not divide the crop size {img_size}")
@@ -194,15 +195,38 @@ class HeatmapKeypointHead(nn.Module):
         self.grid = img_size // stride
         self.logits = nn.Sequential(nn.Conv2d(in_dim, hidden, 3, padding=1), nn.ReLU(inplace=True),
                                     nn.Conv2d(hidden, num_joints, 1))
+        # depth: one map per joint beside its heatmap; the joint's depth is the map read under its heatmap
+        # (2.5D joints, Iqbal et al. 2018), in the units of :meth:`relative_depths`.
+        self.depth = depth
+        self.depth_maps = nn.Conv2d(hidden, num_joints, 1) if depth else None
         cells = (torch.arange(self.grid, dtype=torch.float32) + 0.5) * stride - 0.5  # crop pixels, centres
         ys, xs = torch.meshgrid(cells, cells, indexing="ij")
         self.register_buffer("cell_centres", torch.stack([xs, ys], dim=-1).reshape(-1, 2), persistent=False)
 
     def log_heatmaps(self, dense: torch.Tensor) -> torch.Tensor:
         """dense [n, C, g, g] -> per-joint log-probabilities over the cells [n, J, g * g]."""
+        return self.maps(dense)[0]
+
+    def maps(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """dense [n, C, g, g] -> (log-heatmaps [n, J, g * g], joint depths [n, J] read under them, or None without
+        ``depth``)."""
         n = dense.shape[0]
         expect_shape(dense, (n, None, self.grid, self.grid), "dense features")
-        return F.log_softmax(self.logits(dense).flatten(2), dim=-1)
+        hidden = self.logits[:-1](dense)
+        log_heatmaps = F.log_softmax(self.logits[-1](hidden).flatten(2), dim=-1)
+        if self.depth_maps is None:
+            return log_heatmaps, None
+        depths = torch.einsum("njk,njk->nj", log_heatmaps.exp(), self.depth_maps(hidden).flatten(2))
+        return log_heatmaps, depths
+
+    @staticmethod
+    def relative_depths(joints_cam: torch.Tensor, focal: torch.Tensor, img_size: int) -> torch.Tensor:
+        """joints [..., J, 3] camera space, focal [..., 2] (crop pixels) -> each joint's depth behind the wrist in
+        crop sides at the wrist's depth, ``(Z - Z_wrist) / Z_wrist * f / S`` [..., J]: the units of
+        :meth:`relative_positions`, so (position, depth) is the hand's 3D shape, free of its distance."""
+        z = joints_cam[..., 2]
+        wrist = z[..., :1].clamp(min=1e-3)
+        return (z - wrist) / wrist * focal.mean(dim=-1, keepdim=True) / img_size
 
     def coordinates(self, log_heatmaps: torch.Tensor) -> torch.Tensor:
         """log-probabilities [n, J, g * g] -> expected joint positions [n, J, 2] (crop pixels, u then v)."""
@@ -220,11 +244,13 @@ class HeatmapKeypointHead(nn.Module):
         return torch.cat([position[..., :1, :], position[..., 1:, :] - position[..., :1, :]], dim=-2)
 
     def joint_features(self, dense: torch.Tensor, log_heatmaps: torch.Tensor,
-                       hint: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """dense [n, C, g, g], log_heatmaps [n, J, g * g] -> per joint [n, J, C + 2]: the dense features pooled
-        under the joint's heatmap, and its expected position: the wrist's in the crop (in [-0.5, 0.5]), the
-        others' relative to the wrist (crop sides). ``hint`` = (joints [n, J, 2] crop pixels, use [n] bool):
-        those samples' positions are the given joints instead of the heatmaps' (training on noisy ground truth)."""
+                       hint: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       depths: torch.Tensor | None = None) -> torch.Tensor:
+        """dense [n, C, g, g], log_heatmaps [n, J, g * g] -> per joint [n, J, C + 2] (with ``depths`` [n, J]:
+        [n, J, C + 3]): the dense features pooled under the joint's heatmap, and its expected position: the wrist's
+        in the crop (in [-0.5, 0.5]), the others' relative to the wrist (crop sides), then its relative depth.
+        ``hint`` = (joints [n, J, 2] crop pixels, use [n] bool): those samples' positions are the given joints
+        instead of the heatmaps' (training on noisy ground truth)."""
         prob = log_heatmaps.exp()
         pooled = torch.einsum("njk,nck->njc", prob, dense.flatten(2).to(prob.dtype))
         joints = self.coordinates(log_heatmaps)
@@ -233,7 +259,11 @@ class HeatmapKeypointHead(nn.Module):
             expect_shape(given, tuple(joints.shape), "joint hint")
             expect_shape(use, (joints.shape[0],), "joint hint mask")
             joints = torch.where(use[:, None, None], given.to(joints.dtype), joints)
-        return torch.cat([pooled, self.relative_positions(joints, self.img_size)], dim=-1)
+        parts = [pooled, self.relative_positions(joints, self.img_size)]
+        if depths is not None:
+            expect_shape(depths, tuple(joints.shape[:2]), "joint depths")
+            parts.append(depths[..., None].to(prob.dtype))
+        return torch.cat(parts, dim=-1)
 
 
 class HandDecoder(nn.Module):
@@ -266,9 +296,14 @@ class HandDecoder(nn.Module):
         num_queries: int = 1,
         joint_mlp: int = 0,
         finger_token: int = 0,
+        finger_features: int = 0,
+        joint_depth: bool = False,
         head_init_gain: float = 0.01,
     ) -> None:
         super().__init__()
+        # Per joint: its crop position (2) and, with joint_depth, its relative depth (HeatmapKeypointHead).
+        self.joint_depth = joint_depth
+        self.joint_coords = 3 if joint_depth else 2
         self.head_init_gain = head_init_gain
         self.dim = dim
         self.num_queries = num_queries
@@ -285,7 +320,7 @@ class HandDecoder(nn.Module):
         self.num_joints = num_joints
         self.joint_in_dim = joint_in_dim
         if joint_tokens:  # one more memory token per joint: heatmap-pooled features and position
-            self.joint_proj = nn.Linear(joint_in_dim + 2, dim)
+            self.joint_proj = nn.Linear(joint_in_dim + self.joint_coords, dim)
             self.joint_embed = nn.Parameter(torch.zeros(1, num_joints, dim))
         if joint_mlp:
             # All joints' features at once through an MLP, added to the hand token. Attention reads weighted
@@ -298,8 +333,20 @@ class HandDecoder(nn.Module):
             # instead, the pose head learnt the fingers from neither (train PA-MPJPE 16.2 mm, val 17.0, against
             # 19.2 for the mean fingers), while this MLP alone learns them from 2D joints in a few hundred steps.
             self.joint_mlp_net = nn.Sequential(
-                nn.Linear(num_joints * 2, joint_mlp), nn.GELU(), nn.Linear(joint_mlp, joint_mlp),
+                nn.Linear(num_joints * self.joint_coords, joint_mlp), nn.GELU(), nn.Linear(joint_mlp, joint_mlp),
                 nn.GELU(), nn.Linear(joint_mlp, finger_token or dim))
+        if finger_features and not finger_token:
+            raise ValueError("model.net.decoder.finger_features needs finger_token > 0")
+        self.finger_features = finger_features
+        if finger_features:
+            # The joints' heatmap-pooled image features, added to the finger token: what 2D positions cannot say
+            # (whether a finger bends towards or away from the camera). Zero-initialised output, so the finger
+            # token starts as the position MLP's (which the image-free lift batch trains alone).
+            self.finger_feature_net = nn.Sequential(
+                nn.Linear(num_joints * joint_in_dim, finger_features), nn.GELU(),
+                nn.Linear(finger_features, finger_token))
+            nn.init.zeros_(self.finger_feature_net[-1].weight)
+            nn.init.zeros_(self.finger_feature_net[-1].bias)
         self.query = nn.Parameter(torch.zeros(1, num_queries, dim))
         # Several queries can each read another part of the hand; their outputs are merged into one hand token
         # (one query reads a weighted average of the tokens per head and layer: too narrow for articulation).
@@ -358,23 +405,26 @@ class HandDecoder(nn.Module):
         if self.uses_joints:
             if joints is None:
                 raise ValueError("HandDecoder(joint_tokens / joint_mlp) needs the joint features")
-            expect_shape(joints, (n, self.num_joints, self.joint_in_dim + 2), "joint features")
+            expect_shape(joints, (n, self.num_joints, self.joint_in_dim + self.joint_coords), "joint features")
         if self.joint_tokens:
             memory = torch.cat([memory, self.joint_proj(joints) + self.joint_embed], dim=1)
         query = self.query.expand(n, -1, -1) + self.camera_embed(camera)[:, None]
         token = self.merge(self.blocks(query, memory).flatten(1))
         if self.finger_token:
-            return torch.cat([token, self.lift_token(joints[..., -2:])], dim=-1)
+            finger = self.lift_token(joints[..., -self.joint_coords:])
+            if self.finger_features:
+                finger = finger + self.finger_feature_net(joints[..., :-self.joint_coords].flatten(1))
+            return torch.cat([token, finger], dim=-1)
         if self.joint_mlp:
-            token = token + self.lift_token(joints[..., -2:])
+            token = token + self.lift_token(joints[..., -self.joint_coords:])
         return token
 
     def lift_token(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [n, J, 2] (the wrist in the crop in [-0.5, 0.5], the others relative to it, as in
-        HeatmapKeypointHead.joint_features) -> the joint MLP's part of the hand token: [n, finger_token] (the finger
-        token) or [n, dim] (added to the image token)."""
+        HeatmapKeypointHead.joint_features; with ``joint_depth`` [n, J, 3], the relative depth third) -> the joint
+        MLP's part of the hand token: [n, finger_token] (the finger token) or [n, dim] (added to the image token)."""
         n = positions.shape[0]
-        expect_shape(positions, (n, self.num_joints, 2), "joint positions")
+        expect_shape(positions, (n, self.num_joints, self.joint_coords), "joint positions")
         return self.joint_mlp_net(positions.flatten(1))
 
     def output_heads(self) -> list[nn.Module]:

@@ -61,11 +61,13 @@ def build_backbone(spec: Mapping | nn.Module | None) -> nn.Module:
     return BACKBONES[kind](**kwargs)
 
 
-def make_keypoint_head(backbone: nn.Module) -> nn.Module:
-    """The auxiliary 2D keypoint head that fits the backbone's features: heatmaps on a CNN's dense map,
-    a softmax over the patch tokens on a ViT."""
+def make_keypoint_head(backbone: nn.Module, depth: bool = False) -> nn.Module:
+    """The auxiliary 2D keypoint head that fits the backbone's features: heatmaps on a CNN's dense map (with
+    ``depth``, also each joint's relative depth), a softmax over the patch tokens on a ViT."""
     if isinstance(backbone, CNNBackbone):
-        return HeatmapKeypointHead(backbone.dense_dim, backbone.dense_stride, backbone.img_size)
+        return HeatmapKeypointHead(backbone.dense_dim, backbone.dense_stride, backbone.img_size, depth=depth)
+    if depth:
+        raise ValueError("model.net.decoder.joint_depth needs a CNN backbone (the heatmap head)")
     return PatchKeypointHead(backbone.embed_dim, backbone.grid_size, backbone.img_size)
 
 
@@ -107,10 +109,10 @@ class PoseNet(nn.Module):
         self.stage = Stage(stage)
         self.backbone = build_backbone(backbone)
         decoder = dict(decoder or {})
-        if (decoder.get("joint_tokens") or decoder.get("joint_mlp")) and not (
+        if (decoder.get("joint_tokens") or decoder.get("joint_mlp") or decoder.get("joint_depth")) and not (
                 aux_keypoints and isinstance(self.backbone, CNNBackbone)):
-            raise ValueError("model.net.decoder.joint_tokens / joint_mlp need a CNN backbone and aux_keypoints=true "
-                             "(the heatmap head)")
+            raise ValueError("model.net.decoder.joint_tokens / joint_mlp / joint_depth need a CNN backbone and "
+                             "aux_keypoints=true (the heatmap head)")
         self.decoder = HandDecoder(
             in_dim=self.backbone.embed_dim, num_tokens=self.backbone.num_patches, img_size=self.backbone.img_size,
             mano_model_path=mano_model_path, joint_in_dim=getattr(self.backbone, "dense_dim", 0), **decoder
@@ -118,7 +120,8 @@ class PoseNet(nn.Module):
         self.temporal = (
             TemporalEncoder(self.decoder.token_dim, **dict(temporal or {})) if self.stage is Stage.STAGE2 else None
         )
-        self.keypoint_head = make_keypoint_head(self.backbone) if aux_keypoints else None
+        self.keypoint_head = (make_keypoint_head(self.backbone, bool(decoder.get("joint_depth")))
+                              if aux_keypoints else None)
         self.backbone_frozen = False
         self.encoder_frozen = False
         if freeze_backbone or freeze_encoder:
@@ -156,7 +159,8 @@ class PoseNet(nn.Module):
         """What turns a frame into its hand token besides the backbone: keypoint head, the decoder's token path."""
         d = self.decoder
         modules = [d.token_proj, d.camera_embed, d.blocks, d.merge, *((d.joint_proj,) if d.joint_tokens else ()),
-                   *((d.joint_mlp_net,) if d.joint_mlp else ())]
+                   *((d.joint_mlp_net,) if d.joint_mlp else ()),
+                   *((d.finger_feature_net,) if d.finger_features else ())]
         return [*modules, *((self.keypoint_head,) if self.keypoint_head is not None else ())]
 
     def freeze_encoder(self) -> None:
@@ -181,17 +185,20 @@ class PoseNet(nn.Module):
         """Load Stage 1 weights (Lightning .ckpt, .safetensors, .pt, Accelerate folder) and log what matched.
 
         In a Stage 2 network the temporal encoder is expected to be missing (logged at INFO with the rest of a
-        clean load); anything else missing, any unexpected key or shape mismatch is a warning, and a checkpoint
-        most of whose tensors do not fit (another architecture or size) is an error (``common.checkpoint``).
+        clean load). Anything else missing, any unexpected key or shape mismatch is an error before the network is
+        touched: a Stage 1 of another configuration (say without ``decoder.finger_features``, or another
+        ``joint_depth``) would leave some of the heads Stage 2 keeps frozen at their random initialisation.
         """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"stage1_weight: {path} does not exist (train Stage 1 first, or fix the path)")
         expected = ("temporal.*",) if self.temporal is not None else ()
         try:
-            report = load_weights(self, path, prefix_map=LIGHTNING_PREFIX_MAP, expected_missing=expected)
+            report = load_weights(self, path, prefix_map=LIGHTNING_PREFIX_MAP, expected_missing=expected,
+                                  require_clean=True)
         except ValueError as err:
-            raise ValueError(f"stage1_weight: {err}") from None
+            raise ValueError(f"stage1_weight: {err}\nConfigure Stage 2's network (model.net) as the Stage 1 run "
+                             "that made this checkpoint (its config.yaml).") from None
         if not report.loaded:
             raise ValueError(f"stage1_weight: no weights from {path} match this PoseNet ({report.summary()})")
         return report
@@ -209,11 +216,12 @@ class PoseNet(nn.Module):
     def _encode(
         self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
         joint_hint: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """-> hand tokens [b, t, d]; the keypoint head's input for every frame: the backbone's patch tokens
-        [b, t, N, C] (ViT) or its dense map [b, t, C, g, g] (CNN); and for a CNN with a heatmap head the joint
-        log-heatmaps [b, t, 21, g * g] (else None). ``joint_hint`` = (joints [b, t, 21, 2] crop pixels, use [b, t]
-        bool): the joint MLP / tokens of those frames read the given joints instead of the heatmaps' (training)."""
+        [b, t, N, C] (ViT) or its dense map [b, t, C, g, g] (CNN); for a CNN with a heatmap head the joint
+        log-heatmaps [b, t, 21, g * g] (else None), and with ``joint_depth`` the joints' relative depths [b, t, 21]
+        (else None). ``joint_hint`` = (joints [b, t, 21, 2] crop pixels, use [b, t] bool): the joint MLP / tokens
+        of those frames read the given joints instead of the heatmaps' (training)."""
         b, t = img.shape[:2]
         size = self.img_size
         expect_shape(img, (b, t, 3, size, size), "img")
@@ -221,7 +229,7 @@ class PoseNet(nn.Module):
         expect_shape(focal, (b, t, 2), "focal")
         expect_shape(princpt, (b, t, 2), "princpt")
         frames = rearrange(img, "b t c h w -> (b t) c h w")
-        log_heatmaps = joint_tokens = None
+        log_heatmaps = joint_tokens = depths = None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             if isinstance(self.backbone, CNNBackbone):
                 patches, dense = self.backbone.forward_features(frames)
@@ -232,16 +240,19 @@ class PoseNet(nn.Module):
         camera = camera_features(focal, princpt, (size, size))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
             if isinstance(self.keypoint_head, HeatmapKeypointHead):
-                log_heatmaps = self.keypoint_head.log_heatmaps(dense)  # [(b t), 21, K]
+                log_heatmaps, depths = self.keypoint_head.maps(dense)  # [(b t), 21, K], [(b t), 21] or None
                 if self.decoder.uses_joints:
                     hint = None if joint_hint is None else (
                         rearrange(joint_hint[0], "b t j c -> (b t) j c"), rearrange(joint_hint[1], "b t -> (b t)"))
-                    joint_tokens = self.keypoint_head.joint_features(dense, log_heatmaps, hint)
+                    joint_tokens = self.keypoint_head.joint_features(
+                        dense, log_heatmaps, hint, depths if self.decoder.joint_depth else None)
             tokens = self.decoder(patches, rearrange(camera, "b t c -> (b t) c"), joint_tokens)
         tokens = expect_shape(rearrange(tokens, "(b t) d -> b t d", b=b), (b, t, self.token_dim), "frame tokens")
         if log_heatmaps is not None:
             log_heatmaps = rearrange(log_heatmaps, "(b t) j k -> b t j k", b=b)
-        return tokens, features, log_heatmaps
+        if depths is not None:
+            depths = rearrange(depths, "(b t) j -> b t j", b=b)
+        return tokens, features, log_heatmaps, depths
 
     def refine_and_decode(
         self, tokens: torch.Tensor, timestamp: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor
@@ -290,7 +301,7 @@ class PoseNet(nn.Module):
         [b, 1, 21, 2] (crop pixels); needs ``aux_keypoints=True``."""
         if self.keypoint_head is None:
             raise RuntimeError("predict_with_keypoints needs a PoseNet built with aux_keypoints=True")
-        tokens, features, log_heatmaps = self._encode(img, bbox, focal, princpt)
+        tokens, features, log_heatmaps, _ = self._encode(img, bbox, focal, princpt)
         if log_heatmaps is not None:
             keypoints = self.keypoint_head.coordinates(log_heatmaps[:, -1])
         else:
@@ -300,15 +311,16 @@ class PoseNet(nn.Module):
     def predict_with_heatmaps(
         self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
         timestamp: torch.Tensor, joint_hint: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[HandPrediction, torch.Tensor, torch.Tensor]:
+    ) -> tuple[HandPrediction, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """As :meth:`predict_with_keypoints`, plus the heatmap head's log-probabilities over its cells
-        [b, 1, 21, K] (their centres: ``keypoint_head.cell_centres`` [K, 2]); needs a CNN backbone. ``joint_hint``:
-        see :meth:`_encode`."""
+        [b, 1, 21, K] (their centres: ``keypoint_head.cell_centres`` [K, 2]) and, with ``joint_depth``, the joints'
+        relative depths [b, 1, 21] (else None); needs a CNN backbone. ``joint_hint``: see :meth:`_encode`."""
         if not isinstance(self.keypoint_head, HeatmapKeypointHead):
             raise RuntimeError("predict_with_heatmaps needs aux_keypoints=True and a CNN backbone (heatmap head)")
-        tokens, _, log_heatmaps = self._encode(img, bbox, focal, princpt, joint_hint)
+        tokens, _, log_heatmaps, depths = self._encode(img, bbox, focal, princpt, joint_hint)
         keypoints = self.keypoint_head.coordinates(log_heatmaps[:, -1])
         pred = self.refine_and_decode(tokens, timestamp, focal, princpt)
-        return pred, rearrange(keypoints, "b j c -> b 1 j c"), log_heatmaps[:, -1:]
+        return (pred, rearrange(keypoints, "b j c -> b 1 j c"), log_heatmaps[:, -1:],
+                None if depths is None else depths[:, -1:])
 
     forward = predict_mano_param
