@@ -376,3 +376,32 @@ def test_finger_features_start_at_zero_and_then_add_the_pooled_joint_features_to
     assert not any(p.requires_grad for p in frozen.decoder.finger_feature_net.parameters())
     with pytest.raises(ValueError, match="finger_features needs finger_token"):
         PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "finger_features": 8}, aux_keypoints=True)
+
+
+def test_recency_weighted_window_average_follows_the_timestamps():
+    """temporal.average_tau: with the gate at 1 the refined token is sum_t w_t token_t, w_t proportional to
+    exp(-|t - t_last| / tau) per channel (explicit float64 reference); a frame after a long gap counts for almost
+    nothing; tau is learnt (it gets a gradient), and a non-positive start is an error."""
+    from handpose.model import TemporalEncoder
+
+    torch.manual_seed(0)
+    enc = TemporalEncoder(8, heads=2, gate_scale=1.0, average_tau=0.1).eval()
+    tokens = torch.randn(2, 4, 8)
+    ts = torch.tensor([[0.0, 1 / 30, 2 / 30, 3 / 30], [0.0, 0.5, 0.5 + 1 / 30, 0.5 + 2 / 30]])  # a gap in sample 1
+    with torch.no_grad():
+        enc.average_gate.fill_(1.0)
+        enc.log_tau[4:] = np.log(0.02)  # half the channels forget faster
+        got = enc(tokens, ts)[:, 0]
+    tau = enc.log_tau.detach().double().exp()  # [d]
+    age = (ts[:, -1:] - ts).double()[..., None]  # [b, t, 1]
+    w = np.exp(-(age / tau).numpy())
+    w /= w.sum(axis=1, keepdims=True)
+    ref = (w * tokens.double().numpy()).sum(axis=1)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-6)
+    assert w[1, 0, 0] < 1e-2 < w[0, 0, 0]  # the frame before the gap barely counts
+    enc.train()
+    enc.average_gate.data.fill_(1.0)
+    enc(tokens, ts).sum().backward()
+    assert enc.log_tau.grad is not None and enc.log_tau.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="average_tau"):
+        TemporalEncoder(8, heads=2, average_tau=0.0)

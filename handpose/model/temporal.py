@@ -55,7 +55,7 @@ class TemporalEncoder(nn.Module):
     def __init__(
         self, dim: int, depth: int = 1, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
         num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0, token_noise: float = 0.0,
-        gate_scale: float = 1.0,
+        gate_scale: float = 1.0, average_tau: float | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -75,6 +75,13 @@ class TemporalEncoder(nn.Module):
         # (at scale 1 it reached 0.08 in Stage 2's 205 steps).
         self.average_gate = nn.Parameter(torch.zeros(dim))
         self.gate_scale = gate_scale
+        # average_tau (seconds): the window average weighs frame t by exp(-|t - t_last| / tau), tau learnt per channel
+        # from this start, so that frames after a gap count less than recent ones; None: a plain mean.
+        self.average_tau = average_tau
+        if average_tau is not None:
+            if average_tau <= 0:
+                raise ValueError(f"temporal.average_tau must be > 0 seconds, got {average_tau}")
+            self.log_tau = nn.Parameter(torch.full((dim,), math.log(average_tau)))
 
     def forward(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> torch.Tensor:
         """tokens [b, t, d], timestamp [b, t] (seconds) -> [b, 1, d] (the last frame, refined)."""
@@ -90,6 +97,11 @@ class TemporalEncoder(nn.Module):
         query = last + time[:, -1:]
         for block in self.blocks:
             query = block(query, context)
-        average = tokens.mean(dim=1, keepdim=True)
+        if self.average_tau is None:
+            average = tokens.mean(dim=1, keepdim=True)
+        else:
+            age = (timestamp[:, -1:] - timestamp).abs()[..., None]  # [b, t, 1] seconds
+            weights = torch.softmax(-age / self.log_tau.exp(), dim=1)  # [b, t, d], over the window
+            average = (weights * tokens).sum(dim=1, keepdim=True)
         refined = last + self.gate_scale * self.average_gate * (average - last) + self.out(self.norm(query))
         return expect_shape(refined, (b, 1, self.dim), "refined token")
