@@ -351,6 +351,22 @@ def test_joint_depth_head_reads_each_joints_depth_map_under_its_heatmap_and_feed
         loss(pred, batch, net.translation)
     with pytest.raises(ValueError, match="joint_depth"):
         PoseNet("stage1", backbone=CNN_BACKBONE, decoder=decoder, aux_keypoints=False)
+    # "aux": the head reads the depths for their loss term; the joint MLP keeps (u, v) and ignores them.
+    torch.manual_seed(0)
+    aux = PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**decoder, "joint_depth": "aux"}, aux_keypoints=True).eval()
+    assert aux.decoder.joint_mlp_net[0].in_features == 21 * 2
+    out = aux.predict_with_heatmaps(batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
+    assert out[3].shape == (3, 1, 21)
+    frame_inputs = [batch[k] for k in ("img", "bbox", "focal", "princpt")]
+    before = aux.encode_frames(*frame_inputs)
+    with torch.no_grad():
+        aux.keypoint_head.depth_maps.bias.add_(1.0)  # other depths, the same hand tokens
+    after = aux.predict_with_heatmaps(batch["img"], batch["bbox"], batch["focal"], batch["princpt"],
+                                      batch["timestamp"])[3]
+    torch.testing.assert_close(aux.encode_frames(*frame_inputs), before)
+    torch.testing.assert_close(after, out[3] + 1.0)
+    with pytest.raises(ValueError, match="joint_depth"):
+        PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**decoder, "joint_depth": "depth"}, aux_keypoints=True)
 
 
 def test_finger_features_start_at_zero_and_then_add_the_pooled_joint_features_to_the_finger_token():

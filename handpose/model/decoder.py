@@ -24,6 +24,7 @@ SHAPE_DIM = 10
 TRANS_AXES = ("x", "y", "z")
 CAMERA_FEATURE_DIM = 4
 TRANS_SPACES = ("camera", "crop")
+JOINT_DEPTH_MODES = (False, None, True, "aux", "input")  # decoder.joint_depth (true = "input")
 CROP_DEPTH_REF_M = 0.2  # crop space: z is binned as log(z / z_ref), z_ref = depth at which 0.2 m spans the crop
 
 
@@ -297,13 +298,16 @@ class HandDecoder(nn.Module):
         joint_mlp: int = 0,
         finger_token: int = 0,
         finger_features: int = 0,
-        joint_depth: bool = False,
+        joint_depth: bool | str = False,
         head_init_gain: float = 0.01,
     ) -> None:
         super().__init__()
-        # Per joint: its crop position (2) and, with joint_depth, its relative depth (HeatmapKeypointHead).
-        self.joint_depth = joint_depth
-        self.joint_coords = 3 if joint_depth else 2
+        # Per joint: its crop position (2) and, with joint_depth "input" (or true), its relative depth
+        # (HeatmapKeypointHead); "aux": the heatmap head reads depths for their loss term only, the decoder not.
+        if joint_depth not in JOINT_DEPTH_MODES:
+            raise ValueError(f"model.net.decoder.joint_depth: {joint_depth!r} is not one of false, 'aux', 'input'")
+        self.joint_depth = joint_depth in (True, "input")
+        self.joint_coords = 3 if self.joint_depth else 2
         self.head_init_gain = head_init_gain
         self.dim = dim
         self.num_queries = num_queries
