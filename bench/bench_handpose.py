@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--num-frame", type=int, default=7)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tracker-steps", type=int, default=20)
+    p.add_argument("--tracker-steps", type=int, default=100)
     p.add_argument("--loader-batches", type=int, default=6)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the timed process")
     p.add_argument("--data-root", type=Path, default=None, help="default: a small synthetic set in a temp folder")

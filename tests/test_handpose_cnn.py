@@ -421,3 +421,18 @@ def test_recency_weighted_window_average_follows_the_timestamps():
     assert enc.log_tau.grad is not None and enc.log_tau.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="average_tau"):
         TemporalEncoder(8, heads=2, average_tau=0.0)
+
+
+def test_temporal_block_attention_equals_torch_multihead_attention():
+    """TemporalBlock computes its cross-attention directly from nn.MultiheadAttention's weights (cheaper per streamed
+    frame): the same values as the module itself, and gradients reach its projections."""
+    from handpose.model.temporal import TemporalBlock
+
+    torch.manual_seed(0)
+    block = TemporalBlock(32, 4, 2.0, 0.0).eval()
+    query, context = torch.randn(3, 1, 32), torch.randn(3, 7, 32)
+    expected = block.attn(query, context, context, need_weights=False)[0]
+    torch.testing.assert_close(block._attend(query, context), expected)
+    block.train()
+    block(query, context).sum().backward()
+    assert block.attn.in_proj_weight.grad.abs().sum() > 0 and block.attn.out_proj.weight.grad.abs().sum() > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.shapes import expect_shape
@@ -44,9 +45,24 @@ class TemporalBlock(nn.Module):
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """query [b, 1, d], context [b, t, d] -> [b, 1, d]."""
-        kv = self.norm_kv(context)
-        query = query + self.attn(self.norm_q(query), kv, kv, need_weights=False)[0]
+        query = query + self._attend(self.norm_q(query), self.norm_kv(context))
         return query + self.mlp(self.norm_mlp(query))
+
+    def _attend(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """``nn.MultiheadAttention(query, kv, kv)`` with its own weights, computed directly: the streaming tracker
+        calls this once per frame, where the module's argument handling costs as much as the arithmetic."""
+        attn = self.attn
+        d, heads = query.shape[-1], attn.num_heads
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(query, w[:d], b[:d])
+        k, v = F.linear(kv, w[d:], b[d:]).chunk(2, dim=-1)
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # [b, n, d] -> [b, heads, n, d / heads]
+            return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
+
+        p = attn.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), dropout_p=p)
+        return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class TemporalEncoder(nn.Module):
