@@ -59,7 +59,7 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = True) -> dict[str,
         except Exception as err:  # safetensors' own errors do not name the file
             raise ValueError(f"could not read {path} as safetensors: {err}") from err
     if suffix in TORCH_SUFFIXES:
-        return _as_state_dict(_torch_load(path, allow_pickle), path)
+        return _as_state_dict(read_checkpoint(path, allow_pickle), path)
     if path.name.endswith(".index.json"):
         return _read_sharded(path, allow_pickle)
     raise ValueError(f"unknown checkpoint format: {path}; supported: {SUPPORTED_FORMATS}")
@@ -95,7 +95,15 @@ def _read_sharded(index_path: Path, allow_pickle: bool) -> dict[str, torch.Tenso
     return state
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> object:
+def read_checkpoint(path: str | Path, allow_pickle: bool = True, pickle_note: int = logging.WARNING) -> object:
+    """``torch.load`` of ``path`` onto the CPU, whatever it holds (a Lightning checkpoint dict, a state dict).
+
+    Read with ``weights_only=True`` first; a file that also pickles Python objects (hyper-parameters holding a
+    DictConfig or a partial) is re-read with ``weights_only=False`` when ``allow_pickle`` is set, with a note
+    logged at ``pickle_note`` (only load files you trust). A truncated or corrupt file is a ``ValueError`` naming
+    it (torch's own errors do not).
+    """
+    path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -110,7 +118,8 @@ def _torch_load(path: Path, allow_pickle: bool) -> object:
     except Exception as err:  # torch's own errors (a truncated zip archive, EOF) do not name the file
         raise ValueError(f"could not read {path} as a torch file (truncated or corrupt? "
                          f"{type(err).__name__}: {err})") from err
-    log.warning(
+    log.log(
+        pickle_note,
         "%s holds pickled Python objects besides tensors (e.g. hyper-parameters); "
         "read with weights_only=False — only load checkpoints you trust",
         path,

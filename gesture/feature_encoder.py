@@ -6,7 +6,6 @@ the feature a Fréchet distance compares. The model and its checkpoint loader on
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from common.checkpoint import read_checkpoint
 from common.shapes import expect_shape
 from gesture.layout import PARTS, POSE_DIM
 
@@ -161,12 +161,6 @@ class MotionEncoder(nn.Module):
         return self.pool_features(self.encode(self.normalise(motion_raw)))
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning("%s holds pickled Python objects; re-reading with weights_only=False (trusted files only)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_motion_encoder(path: str | Path) -> MotionEncoder:
@@ -179,7 +173,7 @@ def load_motion_encoder(path: str | Path) -> MotionEncoder:
     if not path.is_file():
         raise EncoderLoadError(f"motion encoder checkpoint not found: {path} (train it with `make train-fgd`)")
     try:
-        checkpoint = _read_checkpoint(path)
+        checkpoint = read_checkpoint(path)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a corrupt file
         raise EncoderLoadError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint or "state_dict" not in checkpoint:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.checkpoint import read_checkpoint
 from gesture.data.audio import audio_features, fit_to_frames, load_wave
 from gesture.data.corpus import CorpusConfig, CorpusError, load_clip
 from gesture.data.speakers import SpeakerMap
@@ -62,12 +62,6 @@ class LoadedGenerator:
         return (motion.detach().cpu().float() * std + mean).numpy()
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.info("%s holds pickled config objects; re-reading with weights_only=False (trusted files only)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
@@ -75,7 +69,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (train with `make train-mambatalk`)")
-    ckpt = _read(path)
+    ckpt = read_checkpoint(path, pickle_note=logging.INFO)
     extras = ckpt.get(CHECKPOINT_KEY)
     if extras is None or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a MambaTalkModule checkpoint (no '{CHECKPOINT_KEY}' entry)")

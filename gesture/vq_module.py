@@ -9,7 +9,6 @@ Checkpoints of ``make train-vqvae`` land in ``${paths.output_root}/vqvae_<part>/
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from common.checkpoint import read_checkpoint
 from common.shapes import assert_same_shape, expect_shape
 from gesture.layout import PARTS, POSE_DIM, VQ_PARTS
 from gesture.models.quantizer import CodebookUsage, Quantizer
@@ -162,12 +162,6 @@ def default_checkpoint(part: str, root: str | Path) -> Path:
     return Path(root) / "outputs" / f"vqvae_{part}" / f"vqvae_{part}" / "checkpoints" / "last.ckpt"
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning("%s holds pickled Python objects; re-reading with weights_only=False (trusted files only)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_vqvae(path: str | Path, freeze: bool = True) -> VQVAE:
@@ -179,7 +173,7 @@ def load_vqvae(path: str | Path, freeze: bool = True) -> VQVAE:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQ-VAE checkpoint not found: {path} (train it with `make train-vqvae`)")
-    checkpoint = _read_checkpoint(path)
+    checkpoint = read_checkpoint(path)
     if CONFIG_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a VQModule checkpoint (needs '{CONFIG_KEY}' and 'state_dict')")
     vqvae = VQVAE(**checkpoint[CONFIG_KEY])

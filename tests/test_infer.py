@@ -153,6 +153,15 @@ def test_missing_checkpoint_is_named(tmp_path):
         load_generator(tmp_path / "nothing.ckpt")
 
 
+def test_truncated_checkpoint_is_named(tmp_path):
+    """A generator checkpoint cut short: an error naming the file, not torch's bare PytorchStreamReader one."""
+    path = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(ValueError, match=r"could not read .*cut\.ckpt as a torch file \(truncated or corrupt"):
+        load_generator(path)
+
+
 def test_package_api_exports_the_documented_entry_points():
     """README's Python examples: `gesture.load_generator` / `gesture.infer_clip`, `handpose.HandTracker`."""
     import gesture

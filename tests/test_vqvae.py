@@ -202,3 +202,12 @@ def test_vq_module_logs_metrics_and_its_checkpoint_loads_frozen(tmp_path, one_th
 def test_load_vqvae_names_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
         load_vqvae(tmp_path / "nothing.ckpt")
+
+
+def test_load_vqvae_names_a_truncated_checkpoint(tmp_path):
+    """A checkpoint cut short (a run killed while saving): an error naming the file, not torch's bare one."""
+    path = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "config": {}}, path)
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(ValueError, match=r"could not read .*cut\.ckpt as a torch file \(truncated or corrupt"):
+        load_vqvae(path)
