@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from common.geometry import vertex_normals
 from common.mano_topology import (
     FINGERTIP_NAMES,
     FINGERTIP_VERTEX_IDS,
@@ -298,7 +299,7 @@ def _build_right() -> dict[str, np.ndarray]:
     joints = _design_joints()
     j_regressor = _joint_regressor(v, joints, wrist_rings[1], palm_ids, hole_loop, digit_rings)
     weights = _skinning_weights(f, palm_ids, digit_rings)
-    normals = _vertex_normals(v, f)
+    normals = vertex_normals(v, f)
     shapedirs = _shape_blendshapes(v, normals, weights, joints)
     posedirs = _pose_blendshapes(v, normals, weights, joints)
     hands_components, hands_mean = _hand_pose_prior(joints)
@@ -437,14 +438,6 @@ def _skinning_weights(f, palm_ids, digit_rings) -> np.ndarray:
     for _ in range(_SKIN_SMOOTH_STEPS):
         w = 0.5 * w + 0.5 * (step @ w)
     return w / w.sum(axis=1, keepdims=True)
-
-
-def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    face_n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    n = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(n, f[:, k], face_n)
-    return n / np.linalg.norm(n, axis=1, keepdims=True)
 
 
 def _digit_membership(weights: np.ndarray) -> dict[str, np.ndarray]:

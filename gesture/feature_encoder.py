@@ -17,6 +17,7 @@ from torch import nn
 from common.checkpoint import read_checkpoint
 from common.shapes import expect_shape
 from gesture.layout import PARTS, POSE_DIM
+from gesture.models.vqvae import ResBlock1d
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,6 @@ class EncoderLoadError(ValueError):
 def default_encoder_checkpoint(root: str | Path) -> Path:
     """Where ``make train-fgd`` leaves the encoder's last checkpoint under the project root ``root``."""
     return Path(root) / "outputs" / EXPERIMENT / EXPERIMENT / "checkpoints" / "last.ckpt"
-
-
-class ResBlock1d(nn.Module):
-    """``x [b, c, t] -> x + conv1(act(conv3(act(x))))``, length preserving."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.block = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv1d(channels, channels, 3, padding=1), nn.LeakyReLU(0.2),
-                                   nn.Conv1d(channels, channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [b, c, t] -> [b, c, t]``."""
-        return x + self.block(x)
 
 
 def _part_dims(pose_dim: int, parts: Sequence[str] | None) -> list[int]:

@@ -18,6 +18,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from common.geometry import vertex_normals
 from gesture.layout import FRAME_KEYS, PARTS, POSE_DIM, ClipConstants, pack, unpack
 from gesture.metrics import VELOCITY_PARTS, audio_onsets
 
@@ -249,16 +250,6 @@ class MHRBackend:
         verts = (verts_cm / 100).cpu().numpy()
         verts[..., 1:] *= -1
         return verts + np.asarray(constants.cam_t, np.float32)
-
-
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """``vertices [V, 3], faces [F, 3] -> [V, 3]`` unit normals (area-weighted face normals)."""
-    tri = vertices[faces]
-    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    vn = np.zeros_like(vertices)
-    for k in range(3):
-        np.add.at(vn, faces[:, k], fn)
-    return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
 
 
 def splat_mesh(vertices: np.ndarray, faces: np.ndarray, focal: float, size: tuple[int, int],

@@ -1,0 +1,31 @@
+"""common.geometry against independent references: scipy's convex hull of points on a sphere (outward normals are
+the points' own directions) and a hand-computed flat patch."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import ConvexHull
+
+from common.geometry import vertex_normals
+
+
+def test_vertex_normals_of_a_sphere_point_outwards_and_follow_the_winding():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(200, 3))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    faces = ConvexHull(points).simplices.copy()
+    tri = points[faces]
+    outward = np.einsum("fi,fi->f", np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), tri.mean(axis=1)) > 0
+    faces[~outward] = faces[~outward][:, ::-1]  # wind every face counter-clockwise seen from outside
+    normals = vertex_normals(points, faces)
+    np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1.0, rtol=1e-12)
+    assert np.einsum("vi,vi->v", normals, points).min() > 0.95
+    np.testing.assert_allclose(vertex_normals(points, faces[:, ::-1]), -normals)  # the winding gives the side
+
+
+def test_vertex_normals_of_a_flat_patch_and_an_unused_vertex():
+    vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [5, 5, 5]], float)
+    faces = np.array([[0, 1, 2], [1, 3, 2]])
+    normals = vertex_normals(vertices, faces)
+    np.testing.assert_allclose(normals[:4], np.tile([0.0, 0.0, 1.0], (4, 1)))
+    np.testing.assert_array_equal(normals[4], 0.0)
