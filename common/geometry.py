@@ -14,3 +14,9 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     for k in range(3):
         np.add.at(normals, faces[:, k], face_normals)
     return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+
+
+def project(points_cam: np.ndarray, focal: np.ndarray, princpt: np.ndarray) -> np.ndarray:
+    """Pinhole projection, OpenCV pixel convention: camera-space points ``[..., 3]`` -> pixels ``[..., 2]``,
+    ``u = fx x / z + cx``, ``v = fy y / z + cy`` (``focal`` / ``princpt`` broadcast against ``[..., 2]``)."""
+    return points_cam[..., :2] / points_cam[..., 2:3] * focal + princpt

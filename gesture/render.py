@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from common.geometry import vertex_normals
+from common.video import ffmpeg_exe, has_audio_stream, write_video  # noqa: F401 - re-exported
 from gesture.layout import FRAME_KEYS, PARTS, POSE_DIM, ClipConstants, pack, unpack
 from gesture.metrics import VELOCITY_PARTS, audio_onsets
 
@@ -26,16 +24,6 @@ log = logging.getLogger(__name__)
 
 CURSOR_RGB = (220, 30, 30)
 PART_COLOURS = {"body": "tab:blue", "hand": "tab:green", "face": "tab:purple", "global": "tab:brown"}
-
-
-def ffmpeg_exe() -> str | None:
-    """The ffmpeg binary shipped with imageio-ffmpeg (or on PATH), ``None`` when there is none."""
-    try:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except Exception:  # noqa: BLE001 - any failure means "no encoder": fall back to GIF
-        return None
 
 
 # ---------------------------------------------------------------------------------------------- parameter view
@@ -295,64 +283,6 @@ def mesh_frames(backend: MeshBackend, motion: np.ndarray, constants: ClipConstan
         verts = backend.vertices(motion[a:a + chunk], constants, params)
         for v in verts:
             yield splat_mesh(v, backend.faces, constants.focal_length * scale, size)
-
-
-# ----------------------------------------------------------------------------------------------- video files
-def _write_wav(wave: np.ndarray, sr: int, folder: Path) -> Path:
-    path = folder / "audio.wav"
-    sf.write(path, np.asarray(wave, np.float32), sr)
-    return path
-
-
-def write_video(frames: Iterable[np.ndarray], out: str | Path, fps: float, wave: np.ndarray | None = None,
-                sr: int = 16000) -> Path:
-    """Write ``[H, W, 3]`` uint8 frames to ``out`` -> the path written.
-
-    mp4 (H.264, yuv420p) through imageio-ffmpeg's binary with ``wave`` muxed as AAC when given; a GIF next to
-    ``out`` (suffix ``.gif``, no audio) when there is no ffmpeg or ``out`` ends in ``.gif``. H and W must be even.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    it = iter(frames)
-    first = next(it, None)
-    if first is None:
-        raise ValueError(f"write_video({out}): no frames")
-    height, width = first.shape[:2]
-    if out.suffix.lower() == ".gif" or ffmpeg_exe() is None:
-        import imageio.v3 as iio
-
-        gif = out.with_suffix(".gif")
-        if out.suffix.lower() != ".gif":
-            log.warning("no ffmpeg found: writing %s without audio instead of %s", gif, out)
-        iio.imwrite(gif, np.stack([first, *it]), extension=".gif", duration=1000 / fps, loop=0)
-        return gif
-    if height % 2 or width % 2:
-        raise ValueError(f"write_video({out}): H.264 needs even frame sizes, got {width}x{height}")
-    import imageio_ffmpeg
-
-    with tempfile.TemporaryDirectory() as tmp:
-        audio = None if wave is None else str(_write_wav(wave, sr, Path(tmp)))
-        writer = imageio_ffmpeg.write_frames(
-            str(out), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
-            audio_path=audio, audio_codec="aac" if audio else None, output_params=["-shortest"] if audio else None,
-            ffmpeg_log_level="error")
-        writer.send(None)
-        writer.send(np.ascontiguousarray(first))
-        for frame in it:
-            if frame.shape[:2] != (height, width):
-                raise ValueError(f"write_video({out}): frame size {frame.shape[:2]} != first {(height, width)}")
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
-    return out
-
-
-def has_audio_stream(path: str | Path) -> bool:
-    """Whether ffmpeg sees an audio stream in ``path`` (False without ffmpeg)."""
-    exe = ffmpeg_exe()
-    if exe is None:
-        return False
-    probe = subprocess.run([exe, "-hide_banner", "-i", str(path)], capture_output=True, text=True, check=False)
-    return "Audio:" in probe.stderr
 
 
 def render_video(motion: np.ndarray, out: str | Path, fps: float = 30.0, gt: np.ndarray | None = None,

@@ -16,7 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.geometry import project
 from common.mano import JOINT_NAMES_21
+from common.video import write_video
 from handpose.data.dataset import read_frame
 from handpose.data.format import LEFT, HandSequence, read_sequence, read_splits
 from handpose.lit import GT_COLOR, PRED_COLOR, SKELETON_PARENTS_21
@@ -56,38 +58,6 @@ def overlay(frame_bgr: np.ndarray, pred_2d: np.ndarray | None, gt_2d: np.ndarray
     return canvas
 
 
-def write_video(frames: list[np.ndarray], out: Path, fps: float) -> Path:
-    """RGB uint8 frames -> ``out`` as H.264 mp4 (imageio-ffmpeg); a GIF (``out`` with suffix .gif) when ffmpeg
-    is unavailable or fails, or when ``out`` ends in .gif. Returns the path written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not frames:
-        raise ValueError(f"write_video({out}): no frames")
-    if out.suffix.lower() != ".gif":
-        try:
-            import imageio_ffmpeg
-
-            h, w = frames[0].shape[:2]
-            writer = imageio_ffmpeg.write_frames(str(out), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                                 macro_block_size=2, ffmpeg_log_level="error")
-            writer.send(None)
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-            writer.close()
-            return out
-        except Exception as err:  # noqa: BLE001 - any ffmpeg problem falls back to a GIF
-            log.warning("mp4 writing failed (%s); writing a GIF instead", err)
-            out.unlink(missing_ok=True)
-    import imageio.v3 as iio
-
-    gif = out.with_suffix(".gif")
-    iio.imwrite(gif, np.stack(frames), extension=".gif", duration=1000 / fps, loop=0)
-    return gif
-
-
-def _project(points: np.ndarray, focal: np.ndarray, princpt: np.ndarray) -> np.ndarray:
-    return points[..., :2] / points[..., 2:] * focal + princpt
-
-
 def run_sequence(tracker: HandTracker, seq: HandSequence, max_frames: int | None = None) -> tuple[list, dict]:
     """Track every readable frame of ``seq`` -> (RGB overlay frames, summary). Unreadable frames are skipped,
     counted and logged; the tracker then continues over the gap (timestamps stay true)."""
@@ -108,7 +78,7 @@ def run_sequence(tracker: HandTracker, seq: HandSequence, max_frames: int | None
         gt_2d = None
         if seq["valid"][f]:
             gt = seq["joints_cam"][f]
-            gt_2d = _project(gt, seq["focal"][f], seq["princpt"][f])
+            gt_2d = project(gt, seq["focal"][f], seq["princpt"][f])
             err = np.linalg.norm((res.joints_cam - res.joints_cam[WRIST]) - (gt - gt[WRIST]), axis=-1).mean()
             errors.append(float(err))
             root = np.linalg.norm(res.joints_cam[WRIST] - gt[WRIST])

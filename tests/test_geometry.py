@@ -29,3 +29,16 @@ def test_vertex_normals_of_a_flat_patch_and_an_unused_vertex():
     normals = vertex_normals(vertices, faces)
     np.testing.assert_allclose(normals[:4], np.tile([0.0, 0.0, 1.0], (4, 1)))
     np.testing.assert_array_equal(normals[4], 0.0)
+
+
+def test_project_matches_opencv_project_points():
+    import cv2
+
+    from common.geometry import project
+
+    rng = np.random.default_rng(1)
+    points = rng.normal(0, 0.1, (30, 3)) + [0.0, 0.0, 0.6]
+    focal, princpt = np.array([500.0, 480.0]), np.array([320.0, 240.0])
+    K = np.array([[focal[0], 0, princpt[0]], [0, focal[1], princpt[1]], [0, 0, 1]])
+    ref, _ = cv2.projectPoints(points, np.zeros(3), np.zeros(3), K, None)
+    np.testing.assert_allclose(project(points, focal, princpt), ref[:, 0], rtol=1e-9)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from common.data.collate import CheckedCollate
+from common.geometry import project
 from common.mano import JOINT_NAMES_21, ManoLayer
 from handpose.data.datamodule import HandDataModule
 from handpose.data.dataset import Augment, HandWindowDataset, denormalise, sample_spec
@@ -27,7 +28,7 @@ from handpose.data.format import (
     write_sequence,
     write_splits,
 )
-from handpose.data.render import project, render_mesh
+from handpose.data.render import render_mesh
 from handpose.data.synthetic import SyntheticConfig, generate_dataset
 
 TINY = SyntheticConfig(seed=5, num_seqs=3, image_size=128, min_frames=12, max_frames=12, drop_prob=0.3,

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 
 import gesture.render as render
+from common import video
 from gesture.layout import POSE_DIM, ClipConstants, unpack
 from gesture.render import has_audio_stream, load_result, render_frames, render_video, splat_mesh
 
@@ -67,7 +68,7 @@ def test_mp4_has_expected_frames_and_audio(clip, tmp_path):
 
 
 def test_gif_fallback_without_ffmpeg(clip, tmp_path, monkeypatch):
-    monkeypatch.setattr(render, "ffmpeg_exe", lambda: None)
+    monkeypatch.setattr(video, "ffmpeg_exe", lambda: None)  # common.video writes the files of both families
     out = render_video(clip["motion"], tmp_path / "a.mp4", FPS, wave=clip["wave"], size=SIZE, max_frames=8)
     assert out == tmp_path / "a.gif" and not (tmp_path / "a.mp4").exists()
     assert iio.imread(out, index=None).shape[:3] == (8, SIZE[1], SIZE[0])

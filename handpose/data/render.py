@@ -8,13 +8,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from common.geometry import project
+
 # fillConvexPoly works in fixed point: vertex coordinates carry this many fractional bits.
 _SHIFT = 4
-
-
-def project(points_cam: np.ndarray, focal: np.ndarray, princpt: np.ndarray) -> np.ndarray:
-    """Pinhole projection, OpenCV pixel convention: points ``[..., 3]`` -> pixels ``[..., 2]``."""
-    return points_cam[..., :2] / points_cam[..., 2:3] * focal + princpt
 
 
 def render_mesh(
