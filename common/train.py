@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from common.loggers import build_csv_logger, build_wandb_logger, finish_wandb  # noqa: E402
+from common.tables import render_table  # noqa: E402
 
 log = logging.getLogger("common.train")
 
@@ -147,15 +148,8 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k in sorted(metrics):
-        table.add_row(k, f"{metrics[k]:.5g}")
-    Console(width=100).print(table)
+    rows = [(k, f"{metrics[k]:.5g}") for k in sorted(metrics)]
+    print(render_table(title, [("metric", "left"), ("value", "right")], rows), flush=True)
 
 
 TEST_CKPTS = ("best", "last")

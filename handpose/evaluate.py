@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from common.checkpoint import load_weights
+from common.tables import render_table
 from handpose.data.dataset import annotation_batch
 from handpose.lit import HandPoseLit
 from handpose.metrics import METRIC_NAMES, acceleration_error, joint_metrics, mean_mano_params, metrics_of
@@ -311,24 +311,18 @@ def _baseline_samples(cfg: DictConfig, lit: HandPoseLit, eval_batches: list, sam
 
 def format_table(report: Mapping) -> str:
     """The report's metrics and baseline as a rich table rendered to text."""
-    from rich.console import Console
-    from rich.table import Table
-
     title = (f"{report['stage']} T={report['num_frame']} on {report['split']} "
              f"({report['num_evaluated']} frames, {report['num_windows']} windows)")
-    table = Table(title=title)
-    for name, justify in (("metric", "left"), ("unit", "left"), ("model", "right"),
-                          ("mean-pose baseline", "right"), ("better", "center")):
-        table.add_column(name, justify=justify)
+    columns = [("metric", "left"), ("unit", "left"), ("model", "right"), ("mean-pose baseline", "right"),
+               ("better", "center")]
     base = report.get("baseline") or {}
+    rows = []
     for name in METRIC_NAMES:
         label, unit, lower = METRIC_INFO[name]
         fmt = "{:.2f}" if unit == "mm" else "{:.3f}"
-        table.add_row(label, unit, fmt.format(report["metrics"][name]),
-                      fmt.format(base[name]) if name in base else "-", "lower" if lower else "higher")
-    console = Console(width=100, record=True, file=io.StringIO())  # rendered to text, printed by the caller
-    console.print(table)
-    return console.export_text()
+        rows.append((label, unit, fmt.format(report["metrics"][name]),
+                     fmt.format(base[name]) if name in base else "-", "lower" if lower else "higher"))
+    return render_table(title, columns, rows)
 
 
 SUBSET_LABELS = {"all": "all frames", "occluded": "last frame occluded", "after_drop": "after dropped frames",
@@ -359,19 +353,14 @@ def _comparison_rows(report: Mapping) -> list[tuple[str, str, bool, dict[str, fl
 def format_comparison(report: Mapping) -> str:
     """One table: the model, Stage 1 on the same frames (when compared) and the mean pose, over the headline
     metrics, the subsets (occluded / after dropped frames) and the acceleration error, with the model's ratios."""
-    from rich.console import Console
-    from rich.table import Table
-
     has_stage1 = bool(report.get("stage1"))
     stage = report["stage"]
     title = (f"{stage} T={report['num_frame']} on {report['split']} ({report['num_evaluated']} frames)"
              + (": against stage1 on the same frames and the mean pose" if has_stage1 else ": against the mean pose"))
-    table = Table(title=title)
-    for name, justify in (("metric", "left"), ("unit", "left"), (stage, "right"),
-                          *((("stage1, same frames", "right"),) if has_stage1 else ()), ("mean pose", "right"),
-                          *(((f"{stage} / stage1", "right"),) if has_stage1 else ()), (f"{stage} / mean", "right"),
-                          ("better", "center")):
-        table.add_column(name, justify=justify)
+    columns = [("metric", "left"), ("unit", "left"), (stage, "right"),
+               *((("stage1, same frames", "right"),) if has_stage1 else ()), ("mean pose", "right"),
+               *(((f"{stage} / stage1", "right"),) if has_stage1 else ()), (f"{stage} / mean", "right"),
+               ("better", "center")]
 
     def fmt(v: float | None, unit: str) -> str:
         if v is None or v != v:
@@ -381,6 +370,7 @@ def format_comparison(report: Mapping) -> str:
     def ratio(a: float | None, b: float | None) -> str:
         return "-" if a is None or b is None or not b or a != a or b != b else f"{a / b:.3f}x"
 
+    rows = []
     for label, unit, lower, values in _comparison_rows(report):
         cells = [label, unit, fmt(values["model"], unit)]
         if has_stage1:
@@ -389,10 +379,8 @@ def format_comparison(report: Mapping) -> str:
         if has_stage1:
             cells.append(ratio(values["model"], values["stage1"]))
         cells += [ratio(values["model"], values["baseline"]), "lower" if lower else "higher"]
-        table.add_row(*cells)
-    console = Console(width=160, record=True, file=io.StringIO())
-    console.print(table)
-    return console.export_text()
+        rows.append(cells)
+    return render_table(title, columns, rows, width=160)
 
 
 def default_json_path(ckpt: Path, split: str) -> Path:
