@@ -149,8 +149,6 @@ class MotionEncoder(nn.Module):
         return self.pool_features(self.encode(self.normalise(motion_raw)))
 
 
-
-
 def load_motion_encoder(path: str | Path) -> MotionEncoder:
     """Rebuild the frozen ``MotionEncoder`` (eval mode, CPU) saved by ``MotionEncoderModule`` at ``path``.
 

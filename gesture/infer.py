@@ -62,8 +62,6 @@ class LoadedGenerator:
         return (motion.detach().cpu().float() * std + mean).numpy()
 
 
-
-
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
     """Rebuild generator + VQ-VAEs from a ``MambaTalkModule`` checkpoint (strict weights) on ``device``."""
     path = Path(path)

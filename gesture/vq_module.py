@@ -162,8 +162,6 @@ def default_checkpoint(part: str, root: str | Path) -> Path:
     return Path(root) / "outputs" / f"vqvae_{part}" / f"vqvae_{part}" / "checkpoints" / "last.ckpt"
 
 
-
-
 def load_vqvae(path: str | Path, freeze: bool = True) -> VQVAE:
     """Rebuild the ``VQVAE`` saved by ``VQModule`` in the Lightning checkpoint ``path`` (on the CPU).
 

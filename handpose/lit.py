@@ -113,7 +113,7 @@ class HandPoseLit(L.LightningModule):
         lift_batch: int = 0,
         lift_noise: float = 0.04,
         lift_weight: float = 1.0,
-        lift_depth_noise: float = 0.05,
+        lift_depth_noise: float = 0.1,
         joint_hint_prob: float = 0.0,
         joint_hint_noise: float = 0.05,
     ) -> None:

@@ -252,7 +252,7 @@ class HandPoseLoss(nn.Module):
             terms["joint_depth"] = masked_mean((joint_depths - target).abs().mean(dim=-1), weight)
         elif self.weights["joint_depth"]:
             raise ValueError("loss weight joint_depth > 0 needs the heatmap head's joint depths "
-                             "(model.net.decoder.joint_depth: true)")
+                             "(model.net.decoder.joint_depth: input or aux)")
         else:
             terms["joint_depth"] = torch.zeros((), dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
 

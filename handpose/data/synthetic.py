@@ -23,6 +23,7 @@ import torch
 from scipy.interpolate import PchipInterpolator
 from scipy.spatial.transform import Rotation, RotationSpline
 
+from common.geometry import project
 from common.mano import (
     FINGERTIP_NAMES,
     JOINT_NAMES_21,
@@ -31,7 +32,6 @@ from common.mano import (
     ManoLayer,
 )
 from handpose.data.format import LEFT, RIGHT, SPLITS_FILE, write_sequence, write_splits
-from common.geometry import project
 from handpose.data.render import draw_occluder, random_background, render_mesh
 
 log = logging.getLogger(__name__)

@@ -198,7 +198,6 @@ class HeatmapKeypointHead(nn.Module):
                                     nn.Conv2d(hidden, num_joints, 1))
         # depth: one map per joint beside its heatmap; the joint's depth is the map read under its heatmap
         # (2.5D joints, Iqbal et al. 2018), in the units of :meth:`relative_depths`.
-        self.depth = depth
         self.depth_maps = nn.Conv2d(hidden, num_joints, 1) if depth else None
         cells = (torch.arange(self.grid, dtype=torch.float32) + 0.5) * stride - 0.5  # crop pixels, centres
         ys, xs = torch.meshgrid(cells, cells, indexing="ij")
