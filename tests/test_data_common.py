@@ -247,3 +247,61 @@ def test_missing_val_split_skips_validation(tmp_path):
     dm = NoVal(batch_size=5)
     dm.setup("fit")
     assert dm.built == ["train"] and dm.val_dataloader() == []
+
+
+class _WorkerSeeds(Dataset):
+    """Each item: its index and the torch seed of the process that made it (a worker's: base seed + worker id)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "seed": torch.initial_seed()}
+
+
+class _SeedModule(BaseDataModule):
+    def build_dataset(self, split: str) -> Dataset:
+        return _WorkerSeeds()
+
+
+def _ddp_datamodule(rank: int, world: int = 2) -> _SeedModule:
+    dm = _SeedModule(batch_size=2, num_workers=2, seed=5)
+    dm.trainer = SimpleNamespace(world_size=world, distributed_sampler_kwargs={"num_replicas": world, "rank": rank},
+                                 _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+    dm.setup("fit")
+    return dm
+
+
+def _epoch(loader: DataLoader, epoch: int) -> tuple[list[int], list[int]]:
+    loader.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
+    batches = list(loader)
+    return sum((b["index"].tolist() for b in batches), []), sum((b["seed"].tolist() for b in batches), [])
+
+
+def test_ddp_shards_and_worker_seeds_are_functions_of_seed_epoch_and_rank():
+    """Under DDP the training sampler is a DistributedSampler of our own (Lightning keeps it and calls its set_epoch):
+    each rank reads torch's shard for (seed, epoch), and its workers' seeds depend on (seed, epoch, rank) only, so
+    a run resumed at epoch 2 seeds its workers (its augmentation) as the uninterrupted run did, and the two ranks'
+    workers draw different augmentations."""
+    from torch.utils.data import DistributedSampler
+
+    loaders = [_ddp_datamodule(rank).train_dataloader() for rank in (0, 1)]
+    assert all(isinstance(loader.sampler, DistributedSampler) for loader in loaders)
+    uninterrupted = [[_epoch(loader, e) for e in range(3)] for loader in loaders]
+    for rank in (0, 1):
+        reference = DistributedSampler(range(12), num_replicas=2, rank=rank, shuffle=True, seed=5)
+        for e in range(3):
+            reference.set_epoch(e)
+            assert uninterrupted[rank][e][0] == list(reference)
+    assert sorted(uninterrupted[0][1][0] + uninterrupted[1][1][0]) == list(range(12))
+    assert uninterrupted[0][1][0] != uninterrupted[0][2][0]
+
+    resumed = _epoch(_ddp_datamodule(1).train_dataloader(), 2)  # a fresh process resumed at epoch 2
+    assert resumed == uninterrupted[1][2]
+    seeds = [{rank: set(uninterrupted[rank][e][1]) for rank in (0, 1)} for e in range(3)]
+    assert all(not (s[0] & s[1]) for s in seeds), "the ranks' workers share seeds"
+    assert seeds[1][1] != seeds[2][1]
+
+    single = _SeedModule(batch_size=2, seed=5)
+    single.setup("fit")
+    assert isinstance(single.train_dataloader().sampler, EpochSeededRandomSampler)  # one process: unchanged

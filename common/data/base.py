@@ -1,7 +1,8 @@
 """The LightningDataModule every domain datamodule extends: split bookkeeping and DataLoader construction.
 
-Subclasses only say how to build a split's Dataset (and optionally set ``collate_fn``). Distributed sampling
-is left to Lightning, which swaps in a DistributedSampler under DDP; nothing here knows about files.
+Subclasses only say how to build a split's Dataset (and optionally set ``collate_fn``). Under DDP the training
+loader gets a DistributedSampler of its own (order and worker seeds a function of seed, epoch and rank, so a resumed
+run reproduces the uninterrupted one); evaluation loaders are sharded by Lightning. Nothing here knows about files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,32 @@ class EpochSeededRandomSampler(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed + epoch)
-        self.loader_generator.manual_seed(self.seed + epoch + 1_000_003)
+        self.loader_generator.manual_seed(worker_base_seed(self.seed, epoch, rank=0))
+
+
+class EpochSeededDistributedSampler(DistributedSampler):
+    """Under DDP: torch's DistributedSampler (each rank a shard of an order that is a function of ``(seed, epoch)``)
+    that also reseeds the loader's worker-seed generator per ``(seed, epoch, rank)``.
+
+    Lightning keeps a DistributedSampler it is given and calls its ``set_epoch``; a RandomSampler it would replace by
+    its own, whose ``set_epoch`` never reaches the worker seeds: the workers of a resumed run would then be seeded
+    unlike the uninterrupted run's, and every rank's workers alike (the same augmentation draws on every rank).
+    """
+
+    def __init__(self, data_source: Sized, seed: int, num_replicas: int, rank: int) -> None:
+        # drop_last False, as in the sampler Lightning would build: the last shard is padded by repeating samples.
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.loader_generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.loader_generator.manual_seed(worker_base_seed(self.seed, epoch, self.rank))
+
+
+def worker_base_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the generator the DataLoader draws its workers' base seed from, per (seed, epoch, rank)."""
+    return seed + epoch + 1_000_003 * (1 + rank)
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -118,11 +144,21 @@ class BaseDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        # No `shuffle=` argument: Lightning reads it back when it re-creates the loader under DDP, and
-        # an explicit False would turn off the DistributedSampler's shuffling.
-        return self._loader(
-            dataset, sampler=EpochSeededRandomSampler(dataset, seed), drop_last=self.drop_last_train
-        )
+        shard = self._distributed_shard()
+        sampler = (EpochSeededRandomSampler(dataset, seed) if shard is None
+                   else EpochSeededDistributedSampler(dataset, seed, **shard))
+        # No `shuffle=` argument: Lightning reads it back when it re-creates a loader, and an explicit False
+        # would turn off a DistributedSampler's shuffling.
+        return self._loader(dataset, sampler=sampler, drop_last=self.drop_last_train)
+
+    def _distributed_shard(self) -> dict[str, int] | None:
+        """``{num_replicas, rank}`` when the trainer shards the training data over several processes, else None."""
+        trainer = self.trainer
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if not kwargs or kwargs.get("num_replicas", 1) <= 1 or not getattr(connector, "use_distributed_sampler", True):
+            return None
+        return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_split("val"):
@@ -144,8 +180,9 @@ class BaseDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: {role!r} dataset requested before setup() built it")
         return self.datasets[role]
 
-    def _loader(self, dataset: Dataset, sampler: RandomSampler | None, drop_last: bool) -> DataLoader:
-        training = isinstance(sampler, EpochSeededRandomSampler)
+    def _loader(self, dataset: Dataset, sampler: RandomSampler | DistributedSampler | None,
+                drop_last: bool) -> DataLoader:
+        training = isinstance(sampler, (EpochSeededRandomSampler, EpochSeededDistributedSampler))
         if training:
             generator = sampler.loader_generator
         else:  # evaluation loaders: fixed worker seeds, and no draw from the global RNG
