@@ -15,8 +15,9 @@ import statistics
 import torch
 
 from bench.timing import interleaved
-from gesture.generate import GestureModel, generate, seed_from_mean
+from gesture.generate import generate, seed_from_mean
 from gesture.layout import VQ_PARTS
+from gesture.models.generator import GestureModel
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
 

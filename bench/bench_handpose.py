@@ -30,7 +30,7 @@ from handpose.data.dataset import read_frame
 from handpose.data.format import LEFT, read_sequence, read_splits
 from handpose.data.synthetic import SyntheticConfig, generate_dataset
 from handpose.lit import HandPoseLit
-from handpose.model import HandPrediction, ManoParams
+from handpose.models import HandPrediction, ManoParams
 from handpose.tracker import HandTracker
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -267,8 +267,9 @@ def check_mamba(device: torch.device, tiny: bool) -> dict:
 def check_mambatalk(device: torch.device, tiny: bool, steps: int) -> dict:
     from hydra.utils import instantiate
 
-    from gesture.generate import GestureModel, generate, seed_from_mean
+    from gesture.generate import generate, seed_from_mean
     from gesture.layout import POSE_DIM, VQ_PARTS
+    from gesture.models.generator import GestureModel
     from gesture.models.vqvae import VQVAE
 
     gen_cfg = compose(["model=mambatalk_paper", "data=gesture_synthetic", "experiment_name=gpu_check"])

@@ -173,3 +173,12 @@ class EMA(EMAWeightAveraging):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_until_started(pl_module)
         super().on_train_end(trainer, pl_module)
+
+
+def redirect_monitor(trainer: pl.Trainer, old: str, new: str) -> list[pl.Callback]:
+    """Point every checkpoint callback that monitors ``old`` at ``new`` instead (a metric that is no longer
+    computed would make ``ModelCheckpoint`` raise at the next validation); returns the callbacks changed."""
+    changed = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) == old]
+    for cb in changed:
+        cb.monitor = new
+    return changed

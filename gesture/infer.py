@@ -8,7 +8,7 @@ test split plus a metrics JSON. The checkpoint carries the model, the VQ-VAEs an
 Single clips are seeded with the training mean pose; test clips with their first ``pre_frames`` real frames (as
 MambaTalk's test loop). Render constants come from the clip's source npz when the wav sits in a corpus tree
 (``<root>/wave16k/<id>.wav`` next to ``<root>/mhr_30/<id>.npz``), else from the speaker's training average, else
-from all training clips, else ``gesture.module.DEFAULT_CONSTANTS`` (1080 x 1920, focal 1500, cam_t (0, 0, 4)).
+from all training clips, else ``gesture.data.info.DEFAULT_CONSTANTS`` (1080 x 1920, focal 1500, cam_t (0, 0, 4)).
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ import torch
 from common.checkpoint import read_checkpoint
 from gesture.data.audio import audio_features, fit_to_frames, load_wave
 from gesture.data.corpus import CorpusConfig, CorpusError, load_clip
+from gesture.data.info import DataInfo
 from gesture.data.speakers import SpeakerMap
 from gesture.data.textgrid import Vocabulary, frame_words, read_words
-from gesture.generate import GestureModel, generate, seed_from_mean
+from gesture.generate import generate, seed_from_mean
 from gesture.layout import POSE_DIM, VQ_PARTS, ClipConstants, unpack
+from gesture.lit.mambatalk import CHECKPOINT_KEY
+from gesture.models.generator import GestureModel
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
-from gesture.module import CHECKPOINT_KEY, DataInfo
 
 log = logging.getLogger(__name__)
 

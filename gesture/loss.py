@@ -2,7 +2,7 @@
 velocity / acceleration terms on motion decoded by the frozen VQ-VAEs (codes alone leave the motion jittery).
 
 Every term compares tensors of the exact same shape (``common.shapes.assert_same_shape``); nothing broadcasts.
-No model code and no pass / masking logic here (``gesture.module``).
+No model code and no pass / masking logic here (``gesture.lit.mambatalk``).
 """
 
 from __future__ import annotations

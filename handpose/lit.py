@@ -1,6 +1,6 @@
 """LightningModule for hand pose: wires PoseNet, HandPoseLoss and HandPoseMetrics to an AdamW + warmup-cosine run.
 
-Thin by design: the network is handpose.model, the loss handpose.loss, the metrics handpose.metrics. Also
+Thin by design: the network is handpose.models, the loss handpose.loss, the metrics handpose.metrics. Also
 holds the validation image grid (projected predicted vs GT 2D joints) and the warmup-cosine schedule factory.
 """
 
@@ -23,7 +23,7 @@ from common.mano import JOINT_NAMES_21
 from handpose.data.dataset import denormalise
 from handpose.loss import HandPoseLoss
 from handpose.metrics import HandPoseMetrics, mean_mano_params
-from handpose.model import HandPrediction, HeatmapKeypointHead, PoseNet
+from handpose.models import HandPrediction, HeatmapKeypointHead, PoseNet
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Hand pose training loss: supervises the LAST frame only, every term through one exact-shape check.
 
 Predictions are ``[b, 1, ...]`` (PoseNet's contract); ground truth is sliced ``[:, -1:]``; forward kinematics
-runs on that one frame. Metrics live in handpose.metrics; the network in handpose.model.
+runs on that one frame. Metrics live in handpose.metrics; the network in handpose.models.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from common.mano import JOINT_NAMES_21, ManoLayer
 from common.rotations import axis_angle_to_matrix
 from common.shapes import assert_same_shape, expect_shape
-from handpose.model.decoder import (
+from handpose.models.decoder import (
     NUM_POSE_JOINTS,
     POSE_DIM,
     SHAPE_DIM,

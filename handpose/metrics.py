@@ -16,7 +16,7 @@ from torchmetrics import Metric
 from common.mano import JOINT_NAMES_21, ManoLayer
 from common.rotations import axis_angle_to_matrix, matrix_to_axis_angle, nearest_rotation
 from common.shapes import assert_same_shape, expect_shape
-from handpose.model.decoder import NUM_POSE_JOINTS, SHAPE_DIM, ManoParams
+from handpose.models.decoder import NUM_POSE_JOINTS, SHAPE_DIM, ManoParams
 
 WRIST = JOINT_NAMES_21.index("wrist")
 F_THRESHOLDS_M = (0.005, 0.015)

@@ -20,7 +20,7 @@ from common.mano import MIRROR_AXIS_ANGLE_SIGNS, ManoLayer
 from common.shapes import expect_shape
 from handpose.data.dataset import _BLOB_PARAMS, _Jitter, crop_transform
 from handpose.loss import hand_scale
-from handpose.model import HandPrediction, PoseNet
+from handpose.models import HandPrediction, PoseNet
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.checkpoint import read_state_dict
-from handpose.model.backbone import CNNBackbone, bundled_imagenet_file, efficientnet_keys_to_timm
+from handpose.models.backbone import CNNBackbone, bundled_imagenet_file, efficientnet_keys_to_timm
 
 
 def test_efficientnet_lite0_weights_match_the_reference_implementation(caplog):

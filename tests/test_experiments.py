@@ -256,8 +256,8 @@ def test_mambatalk_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_
     import signal
     import time
 
+    from gesture.lit.vqvae import CONFIG_KEY, STATE_PREFIX
     from gesture.models.vqvae import VQVAE
-    from gesture.vq_module import CONFIG_KEY, STATE_PREFIX
 
     out_root = tmp_path / "out"
     for part in ("face", "body", "hand"):

@@ -9,15 +9,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from gesture.generate import (
-    GestureModel,
-    Window,
-    continue_from,
-    generate,
-    join_parts,
-    plan_windows,
-)
+from gesture.generate import Window, continue_from, generate, plan_windows
 from gesture.layout import GLOBAL_ROT_DIM, PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS
+from gesture.models.generator import GestureModel, join_parts
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
 

@@ -18,9 +18,8 @@ from torch.utils.data import DataLoader
 
 from gesture.data.corpus import load_clip
 from gesture.data.synthetic import SyntheticConfig, generate
-from gesture.feature_encoder import CONFIG_KEY, STATE_PREFIX, MotionEncoder, load_motion_encoder
-from gesture.feature_module import MotionEncoderModule
 from gesture.layout import PARTS, POSE_DIM, SUB_SLICES
+from gesture.lit.motion_encoder import MotionEncoderModule
 from gesture.metrics import (
     BASELINES,
     BC_PARAM_GROUPS,
@@ -35,6 +34,7 @@ from gesture.metrics import (
     frechet_distance,
     frechet_distance_features,
 )
+from gesture.models.motion_encoder import CONFIG_KEY, STATE_PREFIX, MotionEncoder, load_motion_encoder
 
 FPS = 30.0
 SR = 16000

@@ -18,7 +18,7 @@ from common.shapes import ShapeError
 from handpose.callbacks import FIGURE_NAME, LearningCurve, render_curve
 from handpose.loss import HandPoseLoss, heatmap_target
 from handpose.metrics import acceleration_error
-from handpose.model import CNNBackbone, HeatmapKeypointHead, PoseNet, TranslationBins
+from handpose.models import CNNBackbone, HeatmapKeypointHead, PoseNet, TranslationBins
 
 IMG = CNN_BACKBONE["img_size"]
 CROP_BINS = CNN_DECODER["trans_bins"]
@@ -161,7 +161,7 @@ def test_lift_terms_equal_the_forward_terms_for_the_same_prediction():
     pose = batch["mano_pose"][:, 0] + 0.2 * torch.randn(5, 48, generator=g)
     bins = TranslationBins({"x": {"min": -0.3, "max": 0.3, "num": 8}, "y": {"min": -0.3, "max": 0.3, "num": 8},
                             "z": {"min": 0.2, "max": 1.5, "num": 8}})
-    from handpose.model import HandPrediction, ManoParams
+    from handpose.models import HandPrediction, ManoParams
 
     heat = tuple(torch.log_softmax(torch.zeros(5, 1, 8), -1) for _ in range(3))
     pred = HandPrediction(ManoParams(pose[:, None], batch["mano_shape"], batch["mano_trans"]), heat)
@@ -230,7 +230,7 @@ def test_learning_curve_writes_the_figure_and_keeps_its_history_in_the_checkpoin
 
 
 def test_temporal_gate_of_one_returns_the_window_mean_and_zero_returns_the_last_token():
-    from handpose.model import TemporalEncoder
+    from handpose.models import TemporalEncoder
 
     torch.manual_seed(0)
     enc = TemporalEncoder(16, heads=2, gate_scale=10.0, token_noise=0.5).eval()  # out is zero-initialised
@@ -398,7 +398,7 @@ def test_recency_weighted_window_average_follows_the_timestamps():
     """temporal.average_tau: with the gate at 1 the refined token is sum_t w_t token_t, w_t proportional to
     exp(-|t - t_last| / tau) per channel (explicit float64 reference); a frame after a long gap counts for almost
     nothing; tau is learnt (it gets a gradient), and a non-positive start is an error."""
-    from handpose.model import TemporalEncoder
+    from handpose.models import TemporalEncoder
 
     torch.manual_seed(0)
     enc = TemporalEncoder(8, heads=2, gate_scale=1.0, average_tau=0.1).eval()
@@ -426,7 +426,7 @@ def test_recency_weighted_window_average_follows_the_timestamps():
 def test_temporal_block_attention_equals_torch_multihead_attention():
     """TemporalBlock computes its cross-attention directly from nn.MultiheadAttention's weights (cheaper per streamed
     frame): the same values as the module itself, and gradients reach its projections."""
-    from handpose.model.temporal import TemporalBlock
+    from handpose.models.temporal import TemporalBlock
 
     torch.manual_seed(0)
     block = TemporalBlock(32, 4, 2.0, 0.0).eval()

@@ -28,7 +28,7 @@ from handpose.data.format import (
     write_sequence,
     write_splits,
 )
-from handpose.data.render import render_mesh
+from handpose.data.raster import render_mesh
 from handpose.data.synthetic import SyntheticConfig, generate_dataset
 
 TINY = SyntheticConfig(seed=5, num_seqs=3, image_size=128, min_frames=12, max_frames=12, drop_prob=0.3,

@@ -15,7 +15,7 @@ import torch
 from common.mano import ManoLayer
 from common.shapes import ShapeError
 from handpose.loss import LOSS_TERMS, HandPoseLoss, bin_target, hand_scale
-from handpose.model import HandPrediction, ManoParams, TranslationBins
+from handpose.models import HandPrediction, ManoParams, TranslationBins
 
 TRANS_BINS = {"x": {"min": -0.3, "max": 0.3, "num": 61}, "y": {"min": -0.3, "max": 0.3, "num": 61},
               "z": {"min": 0.2, "max": 1.5, "num": 131}}

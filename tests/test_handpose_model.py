@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from common.shapes import ShapeError
 from handpose.lit import HandPoseLit, draw_keypoint_grid, warmup_cosine
 from handpose.loss import HandPoseLoss
-from handpose.model import PoseNet, ViTBackbone, camera_features
+from handpose.models import PoseNet, ViTBackbone, camera_features
 
 IMG = 32
 BACKBONE = {"name": "vit_tiny_patch16_224", "img_size": IMG, "depth": 1}
@@ -381,7 +381,7 @@ def test_lightning_fit_then_stage2_loads_the_checkpoint(tmp_path):
 
 
 def test_patch_keypoint_head_is_a_soft_argmax_over_patch_centres():
-    from handpose.model import PatchKeypointHead
+    from handpose.models import PatchKeypointHead
 
     head = PatchKeypointHead(in_dim=8, grid_size=(2, 4), img_size=32, num_joints=3)
     # patch centres in crop pixels (integer values at pixel centres): cells of 8 x 16 pixels

@@ -24,9 +24,9 @@ from gesture.data.synthetic import generate as make_corpus
 from gesture.generate import generate
 from gesture.infer import load_generator, main
 from gesture.layout import POSE_DIM, VQ_PARTS, pack
+from gesture.lit.mambatalk import MambaTalkModule
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
-from gesture.module import MambaTalkModule
 
 TINY_GEN = dict(hidden=16, audio_f=8, motion_f=8, decoder_layers=1, heads=2, word_dim=4, dropout=0.0,
                 audio_depth=1)

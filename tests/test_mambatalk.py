@@ -16,12 +16,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.shapes import ShapeError
+from gesture.data.info import DataInfo
 from gesture.data.speakers import SpeakerMap
 from gesture.layout import GLOBAL_DIM, GLOBAL_ROT_DIM, PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS
+from gesture.lit.mambatalk import MambaTalkModule
 from gesture.loss import LossTargets, MambaTalkLoss
+from gesture.masks import mask_ratio, random_mask, seed_mask
 from gesture.models.mambatalk import GeneratorOutput, MambaLayer, MambaStream, MambaTalk, hold_last_visible
 from gesture.models.vqvae import VQVAE
-from gesture.module import DataInfo, MambaTalkModule, mask_ratio, random_mask, seed_mask
 
 TINY_GEN = dict(hidden=32, audio_f=16, motion_f=16, decoder_layers=1, heads=2, word_dim=8, dropout=0.0)
 TINY_VQ = dict(hidden=16, code_dim=8, n_codes=16, depth=1)
@@ -471,7 +473,7 @@ def test_weight_averaging_callback_builds_the_model_from_the_datamodule_before_s
 
 def test_validation_logs_the_first_windows_parameter_view_on_rank_zero(monkeypatch):
     logged = []
-    monkeypatch.setattr("gesture.module.log_image",
+    monkeypatch.setattr("gesture.lit.mambatalk.log_image",
                         lambda module, key, image, caption=None: logged.append((key, image)))
     module = tiny_module()
     data = [window_batch(i) for i in range(4)]
@@ -541,7 +543,7 @@ def test_fgd_lost_after_setup_falls_back_to_val_loss(tmp_path, caplog, monkeypat
     from lightning.pytorch.callbacks import ModelCheckpoint
     from test_gesture_metrics import TINY_ENCODER, save_encoder
 
-    from gesture.feature_encoder import MotionEncoder
+    from gesture.models.motion_encoder import MotionEncoder
 
     window = 64 if failure == "window_longer_than_validation" else 8
     save_encoder(tmp_path / "enc.ckpt", MotionEncoder(**{**TINY_ENCODER, "window": window}))

@@ -11,13 +11,14 @@ import soundfile as sf
 
 import gesture.render as render
 from common import video
+from common.video import ffmpeg_exe, has_audio_stream
 from gesture.layout import POSE_DIM, ClipConstants, unpack
-from gesture.render import has_audio_stream, load_result, render_frames, render_video, splat_mesh
+from gesture.render import load_result, render_frames, render_video, splat_mesh
 
 FPS = 30.0
 SR = 16000
 SIZE = (160, 120)
-needs_ffmpeg = pytest.mark.skipif(render.ffmpeg_exe() is None, reason="no ffmpeg binary")
+needs_ffmpeg = pytest.mark.skipif(ffmpeg_exe() is None, reason="no ffmpeg binary")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from handpose.data.dataset import HandWindowDataset, read_frame
 from handpose.data.format import LEFT
 from handpose.data.synthetic import SyntheticConfig, generate_dataset
 from handpose.loss import HandPoseLoss
-from handpose.model import PoseNet
+from handpose.models import PoseNet
 from handpose.tracker import HandTracker
 
 IMG = 32

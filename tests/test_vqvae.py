@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from common.shapes import ShapeError
 from gesture.layout import PARTS, POSE_DIM
+from gesture.lit.vqvae import VQModule, load_vqvae, motion_reconstruction_terms
 from gesture.models.vqvae import VQVAE
-from gesture.vq_module import VQModule, load_vqvae, motion_reconstruction_terms
 
 FACE_DIM = PARTS["face"].stop - PARTS["face"].start
 TINY = dict(hidden=32, code_dim=16, n_codes=32, depth=1)

@@ -1,5 +1,5 @@
 """MambaTalk generator on the 320-d MHR layout: audio + words + speaker + seed/masked motion -> per-part VQ latents,
-code logits and the directly regressed 7-d global part, for one window. No training logic (``gesture.module``),
+code logits and the directly regressed 7-d global part, for one window. No training logic (``gesture.lit.mambatalk``),
 no autoregression over clips (``gesture.generate``), no VQ decoding (the frozen VQ-VAEs do that).
 
 Layout: global scan (masked motion -> conv encoder -> speaker + position -> transformer encoder layer; Mamba over

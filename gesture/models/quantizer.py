@@ -2,7 +2,7 @@
 
 The guard exists because a NaN encoder output makes the argmin undefined and the codebook lookup crash, but
 nothing is hidden: every replaced value and every clamped index is counted in a buffer and warned about once.
-Codebook usage / perplexity helpers live here too; training wiring is in ``gesture.vq_module``.
+Codebook usage / perplexity helpers live here too; training wiring is in ``gesture.lit.vqvae``.
 """
 
 from __future__ import annotations

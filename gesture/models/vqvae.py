@@ -1,6 +1,6 @@
 """Per-part motion VQ-VAE (MambaTalk/EMAGE style): 1-D conv encoder and decoder with residual blocks around a
 :class:`~gesture.models.quantizer.Quantizer`. One model per part in ``gesture.layout.VQ_PARTS``; no training
-logic here (see ``gesture.vq_module``).
+logic here (see ``gesture.lit.vqvae``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from common.mano import (
     ManoLayer,
 )
 from handpose.data.format import LEFT, RIGHT, SPLITS_FILE, write_sequence, write_splits
-from handpose.data.render import draw_occluder, random_background, render_mesh
+from handpose.data.raster import draw_occluder, random_background, render_mesh
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,9 @@
 """LightningModule for the MambaTalk generator: frozen VQ-VAEs, MambaTalk's training passes, validation on windows,
 autoregressive testing on whole clips against baselines, and checkpoints that carry everything inference needs.
 
-Thin by design: the network is ``gesture.models.mambatalk``, the loss ``gesture.loss``, generation
-``gesture.generate``, the metrics ``gesture.metrics``. ``DataInfo`` is what the checkpoint keeps from the data
-(normalisation, vocabulary, speakers, audio features, per-speaker render constants) so ``gesture.infer`` needs no
-cache.
+Thin by design: the network is ``gesture.models.mambatalk``, the loss ``gesture.loss``, the masks
+``gesture.masks``, generation ``gesture.generate``, the metrics ``gesture.metrics``; what the checkpoint keeps from the
+data is ``gesture.data.info.DataInfo``.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,143 +19,25 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from common.callbacks import redirect_monitor
 from common.loggers import log_image
 from common.shapes import expect_shape
-from gesture.generate import GestureModel, generate
-from gesture.layout import PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS, ClipConstants
+from gesture.data.info import DataInfo
+from gesture.generate import generate
+from gesture.layout import PARTS, POSE_DIM, SUB_SLICES, VQ_PARTS
+from gesture.lit.vqvae import load_vqvae
 from gesture.loss import LossTargets, MambaTalkLoss
+from gesture.masks import mask_ratio, random_mask, seed_mask
 from gesture.metrics import BASELINES, EvalClip, GestureMetrics, evaluate_baselines, format_comparison
+from gesture.models.generator import GestureModel
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
 from gesture.render import ParameterView
-from gesture.vq_module import load_vqvae
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "gesture"  # checkpoint entry with generator / VQ-VAE configs and DataInfo
 PASSES = ("seed", "random", "random_noword")
-# Used when a speaker has no training clip and the checkpoint has no average (documented in gesture.infer).
-DEFAULT_CONSTANTS = ClipConstants(cam_t=(0.0, 0.0, 4.0), focal_length=1500.0, scale_params=(0.0,) * 28,
-                                  shape_params=(0.0,) * 45, width=1080, height=1920, fps=30.0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# What the checkpoint keeps from the data
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _mean_constants(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Average of ``ClipConstants.to_dict()`` dicts (sizes: the first clip's; fps: the first clip's)."""
-    arrays = {k: np.mean([np.asarray(c[k], np.float64) for c in items], axis=0)
-              for k in ("cam_t", "focal_length", "scale_params", "shape_params")}
-    first = items[0]
-    return ClipConstants.from_dict({**arrays, "width": first["width"], "height": first["height"],
-                                    "fps": first["fps"]}).to_dict()
-
-
-@dataclass
-class DataInfo:
-    """Everything inference needs from the training data, JSON-able (stored in the checkpoint).
-
-    ``mean``/``std`` [320] and ``audio_mean``/``audio_std`` [C] normalise motion and audio features;
-    ``vocab_words`` the vocabulary after PAD/UNK; ``speaker_raw_ids`` the known raw ids (index = position,
-    unknown = len); ``audio`` the feature config (kind, n_mels, sr, fps); ``constants`` the training clips' average
-    render constants per raw speaker id (key ``"default"``: over all clips); ``datamodule`` the
-    ``GestureDataModule`` arguments that rebuild the data (test-split inference).
-    """
-
-    mean: list[float]
-    std: list[float]
-    audio_mean: list[float]
-    audio_std: list[float]
-    vocab_words: list[str]
-    speaker_raw_ids: list[int]
-    audio: dict[str, Any]
-    pose_length: int = 64
-    zero_variance_parts: list[str] = field(default_factory=list)
-    constants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    datamodule: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_speakers(self) -> int:
-        """Speaker embedding rows: known speakers + the unknown slot."""
-        return len(self.speaker_raw_ids) + 1
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab_words) + 2
-
-    @property
-    def audio_dim(self) -> int:
-        return len(self.audio_mean)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataInfo:
-        return cls(**dict(d))
-
-    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, std)`` [320] float32 tensors."""
-        return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
-
-    def clip_constants(self, raw_speaker: int | None) -> ClipConstants:
-        """Average training constants of ``raw_speaker``, else of all training clips, else ``DEFAULT_CONSTANTS``."""
-        key = str(raw_speaker)
-        if raw_speaker is not None and key in self.constants:
-            return ClipConstants.from_dict(self.constants[key])
-        if "default" in self.constants:
-            return ClipConstants.from_dict(self.constants["default"])
-        return DEFAULT_CONSTANTS
-
-    @classmethod
-    def from_datamodule(cls, dm: Any) -> DataInfo:
-        """From a set-up ``gesture.data.datamodule.GestureDataModule``."""
-        pre = dm.preprocess
-        records = dm.cache.records("train")
-        by_speaker: dict[str, list[dict[str, Any]]] = {}
-        for r in records:
-            by_speaker.setdefault(str(r["raw_speaker"]), []).append(r["constants"])
-        constants = {k: _mean_constants(v) for k, v in by_speaker.items() if k != "None"}
-        if records:
-            constants["default"] = _mean_constants([r["constants"] for r in records])
-        datamodule = dict(root=str(dm.root), cache_dir=str(dm.cache_dir), pose_length=pre.pose_length,
-                          stride=pre.stride, audio_features=pre.audio_features, n_mels=pre.n_mels,
-                          strict=pre.strict, use_additional=pre.use_additional, word_vectors=pre.word_vectors,
-                          wave_splits=list(pre.wave_splits), synthetic=asdict(dm.synthetic),
-                          generate_if_missing=dm.generate_if_missing)
-        return cls(
-            mean=dm.stats["mean"].tolist(), std=dm.stats["std"].tolist(),
-            audio_mean=dm.audio_stats["mean"].tolist(), audio_std=dm.audio_stats["std"].tolist(),
-            vocab_words=list(dm.vocab.words), speaker_raw_ids=list(dm.speakers.raw_ids),
-            audio=dict(kind=pre.audio_features, n_mels=pre.n_mels, sr=pre.corpus.sr, fps=pre.corpus.fps),
-            pose_length=pre.pose_length, zero_variance_parts=list(dm.zero_variance_parts),
-            constants=constants, datamodule=datamodule,
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Schedules and masks
-# --------------------------------------------------------------------------------------------------------------
-
-
-def mask_ratio(progress: float, start: float = 0.05, end: float = 1.0) -> float:
-    """MambaTalk's random-mask ratio: linear from ``start`` to ``end`` over training (``progress`` in [0, 1])."""
-    return start + (end - start) * min(max(progress, 0.0), 1.0)
-
-
-def seed_mask(b: int, t: int, pre_frames: int, device=None) -> torch.Tensor:
-    """Mask of the seed-only pass: everything after the first ``pre_frames`` frames -> ``[b, t, 320]`` bool."""
-    mask = torch.ones(b, t, POSE_DIM, dtype=torch.bool, device=device)
-    mask[:, :pre_frames] = False
-    return mask
-
-
-def random_mask(b: int, t: int, ratio: float, device=None, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
-    """Each value masked with probability ``ratio`` (MambaTalk masks values, not frames) -> ``[b, t, 320]``."""
-    return torch.rand(b, t, POSE_DIM, device=device, generator=generator) < ratio
 
 
 def _load_vqvaes(vqvae: Mapping[str, str | Path | VQVAE]) -> dict[str, VQVAE]:
@@ -206,7 +86,7 @@ class MambaTalkModule(L.LightningModule):
             last frame (``GestureModel``; 0 = off).
         max_consecutive_nonfinite: a NaN/Inf loss skips its step (counted, ``train/nonfinite_skipped``); this many
             in a row raise.
-        fgd_encoder: checkpoint of the FGD motion encoder (``gesture.feature_encoder``); ``None``: no FGD.
+        fgd_encoder: checkpoint of the FGD motion encoder (``gesture.models.motion_encoder``); ``None``: no FGD.
         val_bc_skip: beat-consistency margin on validation windows (test clips use EMAGE's 60 frames).
         baselines: baselines scored next to the model at test time (``gesture.metrics.BASELINES``).
         streaming_test: test with ``generate(..., streaming=True)``.
@@ -298,14 +178,9 @@ class MambaTalkModule(L.LightningModule):
         """Training goes on without FGD: checkpoints that were to follow val/fgd follow the validation loss
         instead (one warning), whatever made FGD unavailable: no usable encoder at setup, an encoder window
         longer than the validation windows (no FGD window), an encoder that failed during a validation."""
-        if self._trainer is None:
-            return
-        for cb in self.trainer.checkpoint_callbacks:
-            if getattr(cb, "monitor", None) == "val/fgd":
-                cb.monitor = "val/loss"
-                log.warning("FGD is unavailable (%s): the best checkpoint now tracks val/loss; train the encoder "
-                            "with `make train-fgd` (data.pose_length no longer than the generator's) to get FGD",
-                            reason)
+        if self._trainer is not None and redirect_monitor(self.trainer, "val/fgd", "val/loss"):
+            log.warning("FGD is unavailable (%s): the best checkpoint now tracks val/loss; train the encoder "
+                        "with `make train-fgd` (data.pose_length no longer than the generator's) to get FGD", reason)
 
     def configure_model(self) -> None:
         """Build the generator from the data sizes (idempotent). Callbacks may call it before ``setup`` (Lightning's

@@ -1,4 +1,4 @@
-"""Training wiring for the FGD motion encoder (``gesture.feature_encoder.MotionEncoder``): reconstruction of the
+"""Training wiring for the FGD motion encoder (``gesture.models.motion_encoder.MotionEncoder``): reconstruction of the
 normalised windows from ``GestureDataModule``; ``make train-fgd`` = ``python -m common.train experiment=motion_encoder``.
 The checkpoint carries the encoder config and the training statistics, so ``load_motion_encoder`` needs nothing else.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from common.shapes import assert_same_shape, expect_shape
-from gesture.feature_encoder import CONFIG_KEY, MotionEncoder
+from gesture.models.motion_encoder import CONFIG_KEY, MotionEncoder
 
 log = logging.getLogger(__name__)
 

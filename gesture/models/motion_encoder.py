@@ -1,6 +1,6 @@
 """The motion feature encoder behind FGD: a 1-D conv autoencoder over gesture windows whose pooled bottleneck is
 the feature a Fréchet distance compares. The model and its checkpoint loader only; training wiring is in
-``gesture.feature_module``, the distance itself in ``gesture.metrics``.
+``gesture.lit.motion_encoder``, the distance itself in ``gesture.metrics``.
 """
 
 from __future__ import annotations
