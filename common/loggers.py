@@ -13,6 +13,7 @@ import os
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,15 @@ class SafeWandbLogger(WandbLogger):
             self._fail("finalize", err)
 
 
+@dataclass(frozen=True)
+class RunState:
+    """What a logger needs to know about the run beyond its config; ``common.train`` passes it to every logger
+    config that is a ``_partial_`` (``configs/logger/``)."""
+
+    resume_step: int | None = None  # global step of the checkpoint a resumed run starts from; None: a fresh start
+    fresh_over_existing: bool = False  # a fresh start (resume=false) in a folder that held an earlier run
+
+
 def build_wandb_logger(
     save_dir: str,
     project: str,
@@ -114,14 +124,18 @@ def build_wandb_logger(
     mode: str = "auto",
     tags: list[str] | None = None,
     init_timeout: int = 60,
+    run_state: RunState | None = None,
 ) -> SafeWandbLogger | None:
     """A wandb logger for this run, offline when no credentials are configured; None if wandb cannot start.
 
     ``mode``: ``auto`` (online with credentials, else offline), ``online``, ``offline`` or ``disabled``.
-    The run id is the run name, so a resumed run continues the same wandb run.
+    ``run_id`` is stable per run (``<experiment>-<run_name>``), so a resumed run continues the same wandb run; a
+    fresh start over an earlier run (``run_state.fresh_over_existing``) gets a new id (a timestamp is appended).
     """
     if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
         return None
+    if run_state is not None and run_state.fresh_over_existing:
+        run_id += time.strftime("-%Y%m%d-%H%M%S")
     env_mode = os.environ.get("WANDB_MODE")
     if mode == "auto":
         mode = env_mode if env_mode in ("online", "offline") else (
@@ -206,10 +220,11 @@ class ResumableCSVLogger(CSVLogger):
         self.save()
 
 
-def build_csv_logger(save_dir: str, name: str = "csv", resume_step: int | None = None) -> ResumableCSVLogger:
-    """CSV metrics in ``<save_dir>/<name>/metrics.csv`` (one stable folder). ``resume_step``: the global step of
-    the checkpoint a resumed run starts from (rows from that step on are dropped and logged again); ``None``
+def build_csv_logger(save_dir: str, name: str = "csv", run_state: RunState | None = None) -> ResumableCSVLogger:
+    """CSV metrics in ``<save_dir>/<name>/metrics.csv`` (one stable folder). ``run_state.resume_step``: the global
+    step of the checkpoint a resumed run starts from (rows from that step on are dropped and logged again); ``None``
     for a fresh start (an existing file is moved aside, never deleted)."""
+    resume_step = run_state.resume_step if run_state is not None else None
     return ResumableCSVLogger(save_dir=save_dir, name=name, version="", keep_before_step=resume_step)
 
 

@@ -6,6 +6,7 @@ exact resume from the run folder `outputs/<experiment>/<run_name>/`, then tests 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from common.loggers import build_csv_logger, build_wandb_logger, finish_wandb  # noqa: E402
+from common.loggers import RunState, finish_wandb  # noqa: E402
 from common.tables import render_table  # noqa: E402
 
 log = logging.getLogger("common.train")
@@ -78,22 +80,27 @@ def _ckpt_progress(path: str) -> tuple[int | None, int | None, str | None]:
     return (int(epoch) if epoch is not None else None), (int(step) if step is not None else None), None
 
 
-def build_loggers(cfg: DictConfig, fresh_over_existing: bool, resume_step: int | None = None) -> list:
-    """CSV and wandb loggers of the run. ``resume_step``: global step of the checkpoint a resumed run starts
-    from (the CSV keeps the rows logged before it); None for a fresh start."""
-    out = cfg.paths.output_dir
+def build_loggers(cfg: DictConfig, run_state: RunState) -> list:
+    """The run's loggers: every entry of ``cfg.logger`` (``configs/logger/``: csv, wandb, tensorboard, mlflow, ...)
+    is instantiated from its ``_target_``; an entry that is a ``_partial_`` is then called with ``run_state``
+    (resume step, fresh start over an earlier run). ``logger.<name>=null`` drops one; a builder may return None
+    (wandb that cannot start: a warning, never a stop)."""
     loggers: list = []
-    if cfg.logger.csv.enabled:
-        loggers.append(build_csv_logger(out, resume_step=resume_step))
-    if cfg.logger.wandb.enabled:
-        run_id = f"{cfg.experiment_name}-{cfg.run_name}"
-        if fresh_over_existing:
-            run_id += time.strftime("-%Y%m%d-%H%M%S")
-        wb = build_wandb_logger(
-            save_dir=out, project=cfg.logger.wandb.project, run_id=run_id, name=str(cfg.run_name),
-            group=cfg.logger.wandb.group, mode=cfg.logger.wandb.mode)
-        if wb is not None:
-            loggers.append(wb)
+    for key, spec in (cfg.get("logger") or {}).items():
+        if spec is None:
+            continue
+        if not isinstance(spec, DictConfig) or "_target_" not in spec:
+            raise ValueError(f"logger.{key}: expected a logger config with a _target_ (see configs/logger/), "
+                             f"got {spec!r}")
+        try:
+            made = instantiate(spec)
+            if isinstance(made, functools.partial):
+                made = made(run_state=run_state)
+        except Exception as err:
+            raise RuntimeError(f"logger.{key}: could not build {spec._target_} ({err}); install what it needs or "
+                               f"pick another logger (e.g. logger=csv)") from err
+        if made is not None:
+            loggers.append(made)
     return loggers
 
 
@@ -199,7 +206,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = build_loggers(cfg, fresh_over_existing=existed_before and ckpt_path is None, resume_step=resume_step)
+    loggers = build_loggers(cfg, RunState(resume_step=resume_step,
+                                          fresh_over_existing=existed_before and ckpt_path is None))
     if loggers:
         config = run_config(cfg)
         for logger in loggers:
@@ -232,21 +240,27 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-_SWEEP_NAME_SKIP = ("experiment", "run_name")  # keys that already separate runs, or name them
+_SWEEP_NAME_SKIP = ("experiment", "run_name", "hparams_search")  # keys that separate runs already, name them, or
+# are the same for every job of a sweep
 
 
-def sweep_run_name(run_name: str, task_overrides: list[str], job_num: int) -> str:
+def sweep_run_name(run_name: str, task_overrides: list[str], job_num: int, swept: Iterable[str] = ()) -> str:
     """The run name of one job of a Hydra multirun (``-m``): ``<run_name>-<its overrides>``.
 
     Every job of a sweep would otherwise share ``outputs/<experiment>/<run_name>/`` and its wandb id, and with
     ``resume: true`` each job would resume the previous job's ``last.ckpt``. The job's own overrides (without
     ``experiment``, ``run_name`` and ``paths.*``, which already give it a folder) name it, so the same sweep
     command resumes every job from its own folder; the job number when nothing is left; long names end in a
-    hash of the full text.
+    hash of the full text. The keys in ``swept`` (the sweeper's ``params``, e.g. Optuna's search space) come first,
+    so that what differs between the jobs stays readable before the hash.
     """
-    kept = [o for o in task_overrides
-            if o.split("=", 1)[0].lstrip("+~") not in _SWEEP_NAME_SKIP and not o.lstrip("+~").startswith("paths.")]
-    suffix = ",".join(sorted(kept)) or f"job{job_num}"
+    swept = set(swept)
+
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    kept = [o for o in task_overrides if key(o) not in _SWEEP_NAME_SKIP and not key(o).startswith("paths.")]
+    suffix = ",".join(sorted(kept, key=lambda o: (key(o) not in swept, o))) or f"job{job_num}"
     safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", suffix)
     if len(safe) > 80:
         safe = f"{safe[:60]}-{hashlib.sha1(suffix.encode()).hexdigest()[:10]}"
@@ -262,7 +276,8 @@ def _name_sweep_job(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return
-    name = sweep_run_name(str(cfg.run_name), list(hc.overrides.task), int(hc.job.num))
+    params = hc.sweeper.get("params") or {}
+    name = sweep_run_name(str(cfg.run_name), list(hc.overrides.task), int(hc.job.num), swept=list(params))
     with open_dict(cfg):
         cfg.run_name = name
     print(f"multirun job {hc.job.num}: run name {name}")
@@ -272,8 +287,12 @@ def _name_sweep_job(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> float | None:
     _name_sweep_job(cfg)
     metrics = run(cfg)
-    value = metrics.get(str(cfg.monitor))
-    return value  # for Hydra sweepers
+    key = str(cfg.get("optimized_metric") or cfg.monitor)
+    if key not in metrics:
+        log.warning("optimized_metric %s is not among the run's final metrics (%s): a sweeper gets NaN", key,
+                    ", ".join(sorted(metrics)) or "none")
+        return math.nan
+    return metrics[key]  # for Hydra sweepers (hparams_search=...)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,24 @@ def test_cpu_hand_models_instantiate_with_the_stage1_checkpoint_path_under_outpu
     assert cfg.model.stage1_weight == str(tmp_path / "out" / "stage1" / "stage1" / "checkpoints" / "last.ckpt")
 
 
+def test_hand_sub_networks_come_from_targets_and_the_backbone_swaps_by_override(tmp_path):
+    """`model/backbone@model.net.backbone=<name>` swaps the backbone (its own `_target_`); the decoder and the
+    temporal encoder are `_partial_`s whose sizes come from the backbone; a config of another type is an error."""
+    from handpose.models import CNNBackbone, HandDecoder, PoseNet, TemporalEncoder
+
+    cfg = _compose(tmp_path, "experiment=stage2", "model/backbone@model.net.backbone=resnet10t")
+    assert cfg.model.net.backbone._target_ == "handpose.models.CNNBackbone" and cfg.model.net.decoder._partial_
+    net = instantiate(cfg.model.net)
+    assert isinstance(net.backbone, CNNBackbone) and net.backbone.name == "resnet10t"
+    assert isinstance(net.decoder, HandDecoder) and net.decoder.token_proj.in_features == net.backbone.embed_dim
+    assert net.decoder.num_tokens == net.backbone.num_patches
+    assert isinstance(net.temporal, TemporalEncoder)
+    default = instantiate(_compose(tmp_path, "experiment=stage1").model.net)
+    assert default.backbone.name == "tf_efficientnet_lite0" and default.temporal is None
+    with pytest.raises(TypeError, match="model.net.decoder"):
+        PoseNet("stage1", backbone=net.backbone, decoder=TemporalEncoder)
+
+
 TINY_HAND = ["model.net.backbone.img_size=32", "model.net.backbone.dense_dim=8", "model.net.decoder.depth=1",
              "model.net.decoder.joint_mlp=16", "model.lift_batch=4",
              "data.synthetic.num_seqs=7", "data.synthetic.train_seqs=null", "data.synthetic.min_frames=10",
@@ -107,6 +125,16 @@ def test_stage1_then_stage2_through_the_entrypoint(tmp_path):
     for k in frozen:
         torch.testing.assert_close(s2[k], s1[k], rtol=0, atol=0)
     assert any(not torch.equal(s2[k], torch.zeros_like(s2[k])) for k in s2 if k.startswith("net.temporal.out."))
+
+    # `python -m common.eval` on the run's checkpoints gives the numbers training reported for them
+    trained = json.loads((tmp_path / "out" / "stage2" / "stage2" / "metrics.json").read_text())
+    for split, ckpt, key in (("val", "last", "val/pa_mpjpe"), ("test", "best", "test/mpjpe")):
+        proc = subprocess.run([sys.executable, "-m", "common.eval", "experiment=stage2", *common,
+                               f"split={split}", f"ckpt_path={ckpt}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        report = json.loads(next((tmp_path / "out" / "stage2" / "stage2" / "eval").glob(f"{split}-*.json")).read_text())
+        assert report["metrics"][key] == pytest.approx(trained[key], rel=1e-5), (split, report, trained)
 
 
 def test_failing_wandb_warns_and_the_run_still_finishes(tmp_path, monkeypatch):
@@ -310,3 +338,12 @@ def test_mambatalk_interrupted_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_
     assert not differ, f"{len(differ)} of {len(full)} tensors differ after the resume, e.g. {differ[:3]}"
     assert _csv_rows(run_dir / "csv" / "metrics.csv") == _csv_rows(out_root / "mambatalk" / "full" / "csv" /
                                                                    "metrics.csv")
+
+    # `python -m common.eval` runs the generator's own validation loop on a checkpoint of the run
+    proc = subprocess.run([sys.executable, "-m", "common.eval", "experiment=mambatalk", "run_name=full", *common,
+                           "split=val", "ckpt_path=last"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out_root / "mambatalk" / "full" / "eval" / "val-last.json").read_text())
+    trained = [r for r in _csv_rows(out_root / "mambatalk" / "full" / "csv" / "metrics.csv") if r.get("val/loss")]
+    assert report["metrics"]["val/loss"] == pytest.approx(float(trained[-1]["val/loss"]), rel=1e-5)

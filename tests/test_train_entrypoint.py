@@ -184,3 +184,55 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_optuna_sweep_runs_each_trial_in_its_own_folder_and_reports_the_best(tmp_path):
+    """`hparams_search=toy_optuna`: every trial is a run of its own (its sampled values first in its name), returns
+    its final val/loss to the sweeper, and the sweep folder names the best trial's parameters and value."""
+    import yaml
+
+    # (the search config sets hydra.mode=MULTIRUN: no -m needed)
+    proc = _train(tmp_path, "hparams_search=toy_optuna", "hydra.sweeper.n_trials=3",
+                  "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1", "logger=csv",
+                  "test_after_fit=false", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    runs = sorted(p for p in (tmp_path / "out" / "toy").iterdir() if p.is_dir())
+    assert len(runs) == 3 and all(p.name.startswith("toy-model.dropout=") for p in runs), [p.name for p in runs]
+    losses = {p.name: json.loads((p / "metrics.json").read_text())["val/loss"] for p in runs}
+    result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert result["best_value"] == pytest.approx(min(losses.values()), rel=1e-6), (result, losses)
+    best = min(losses, key=losses.get)
+    assert f"model.hidden={result['best_params']['model.hidden']}" in best
+    assert "Best value" in proc.stdout + proc.stderr
+
+
+def test_submitit_launcher_runs_sweep_jobs_in_processes_of_their_own(tmp_path):
+    """`hydra/launcher=submitit_local` (the SLURM launcher's local twin): two jobs, two processes, two run folders.
+    `hydra/launcher=slurm` composes into submitit's SLURM launcher with one task per GPU."""
+    from hydra import compose, initialize_config_dir
+
+    _train(tmp_path, "hydra.mode=MULTIRUN", "hydra/launcher=submitit_local", "seed=1,2", "trainer.max_epochs=1",
+           "logger=csv", "test_after_fit=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=5")
+    runs = sorted(p.name for p in (tmp_path / "out" / "toy").iterdir() if p.is_dir())
+    assert len(runs) == 2 and all((tmp_path / "out" / "toy" / r / "metrics.json").is_file() for r in runs)
+    assert len([p for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.name.isdigit()]) == 2  # 2 job ids
+
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=toy", "hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3
+
+
+def test_loggers_are_picked_from_the_command_line(tmp_path):
+    """`logger=[csv,tensorboard]`: both write into the run folder, wandb is not started; a logger whose package is
+    missing is an error naming its config key."""
+    _train(tmp_path, "run_name=tb", "trainer.max_epochs=1", "logger=[csv,tensorboard]", "test_after_fit=false")
+    run_dir = tmp_path / "out" / "toy" / "tb"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (run_dir / "csv" / "metrics.csv").is_file() and not (run_dir / "wandb").exists()
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        proc = _train(tmp_path, "run_name=ml", "trainer.max_epochs=1", "logger=mlflow", check=False)
+        assert proc.returncode != 0 and "logger.mlflow: could not build" in proc.stderr, proc.stderr[-2000:]

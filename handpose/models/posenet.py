@@ -8,8 +8,9 @@ per-frame tokens. No training logic here (loss: handpose.loss, wiring: handpose.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -61,6 +62,18 @@ def build_backbone(spec: Mapping | nn.Module | None) -> nn.Module:
     return BACKBONES[kind](**kwargs)
 
 
+def _factory(spec: Mapping | Callable[..., nn.Module] | None, cls: type[nn.Module], key: str
+             ) -> tuple[Callable[..., nn.Module], dict]:
+    """``spec`` (kwargs of ``cls``, or a Hydra ``_partial_`` of it) -> (a callable that takes the arguments that come
+    from the rest of the network, the configured kwargs)."""
+    if spec is None or isinstance(spec, Mapping):
+        kwargs = dict(spec or {})
+        return functools.partial(cls, **kwargs), kwargs
+    if isinstance(spec, functools.partial) and isinstance(spec.func, type) and issubclass(spec.func, cls):
+        return spec, dict(spec.keywords)
+    raise TypeError(f"model.net.{key}: expected the kwargs of {cls.__name__} or a _partial_ of it, got {spec!r}")
+
+
 def make_keypoint_head(backbone: nn.Module, depth: bool = False) -> nn.Module:
     """The auxiliary 2D keypoint head that fits the backbone's features: heatmaps on a CNN's dense map (with
     ``depth``, also each joint's relative depth), a softmax over the patch tokens on a ViT."""
@@ -77,10 +90,12 @@ class PoseNet(nn.Module):
     Args:
         stage: ``stage1`` or ``stage2`` (Stage 2 adds the temporal encoder; the rest is identical, so Stage 1
             weights load into it).
-        backbone: kwargs of :class:`ViTBackbone` (name, img_size, depth, weight, drop_path_rate).
-        decoder: kwargs of :class:`HandDecoder` (dim, depth, heads, ..., trans_bins); token width and count
-            come from the backbone.
-        temporal: kwargs of :class:`TemporalEncoder` (depth, heads, ...); used by Stage 2 only.
+        backbone: a built backbone (configs: ``_target_: handpose.models.CNNBackbone`` or ``ViTBackbone``, so that
+            ``model/backbone@model.net.backbone=<name>`` swaps it), or ``{kind: cnn|vit, **kwargs}``.
+        decoder: a ``_partial_`` of :class:`HandDecoder` (dim, depth, heads, ..., trans_bins), or its kwargs; token
+            width and count, crop size, the MANO model and the dense feature width come from the rest of the network.
+        temporal: a ``_partial_`` of :class:`TemporalEncoder` (depth, heads, ...), or its kwargs; Stage 2 only (the
+            token width comes from the decoder).
         freeze_backbone: no gradients into the backbone, and it stays in eval mode.
         freeze_encoder: also freeze everything else that makes the per-frame tokens (keypoint head, the decoder's
             projections, query and blocks): the frame tokens are computed without gradients, and only the
@@ -96,9 +111,9 @@ class PoseNet(nn.Module):
     def __init__(
         self,
         stage: str = "stage1",
-        backbone: Mapping | None = None,
-        decoder: Mapping | None = None,
-        temporal: Mapping | None = None,
+        backbone: Mapping | nn.Module | None = None,
+        decoder: Mapping | Callable[..., HandDecoder] | None = None,
+        temporal: Mapping | Callable[..., TemporalEncoder] | None = None,
         freeze_backbone: bool = False,
         freeze_encoder: bool = False,
         freeze_heads: bool = False,
@@ -108,18 +123,17 @@ class PoseNet(nn.Module):
         super().__init__()
         self.stage = Stage(stage)
         self.backbone = build_backbone(backbone)
-        decoder = dict(decoder or {})
+        make_decoder, decoder = _factory(decoder, HandDecoder, "decoder")
+        make_temporal, _ = _factory(temporal, TemporalEncoder, "temporal")
         if (decoder.get("joint_tokens") or decoder.get("joint_mlp") or decoder.get("joint_depth")) and not (
                 aux_keypoints and isinstance(self.backbone, CNNBackbone)):
             raise ValueError("model.net.decoder.joint_tokens / joint_mlp / joint_depth need a CNN backbone and "
                              "aux_keypoints=true (the heatmap head)")
-        self.decoder = HandDecoder(
+        self.decoder = make_decoder(
             in_dim=self.backbone.embed_dim, num_tokens=self.backbone.num_patches, img_size=self.backbone.img_size,
-            mano_model_path=mano_model_path, joint_in_dim=getattr(self.backbone, "dense_dim", 0), **decoder
+            mano_model_path=mano_model_path, joint_in_dim=getattr(self.backbone, "dense_dim", 0)
         )
-        self.temporal = (
-            TemporalEncoder(self.decoder.token_dim, **dict(temporal or {})) if self.stage is Stage.STAGE2 else None
-        )
+        self.temporal = make_temporal(self.decoder.token_dim) if self.stage is Stage.STAGE2 else None
         self.keypoint_head = (make_keypoint_head(self.backbone, bool(decoder.get("joint_depth")))
                               if aux_keypoints else None)
         self.backbone_frozen = False
