@@ -64,7 +64,7 @@ train-toy: $(STAMP)
 STAGE1_DONE := outputs/stage1/stage1/metrics.json
 
 data-hand: $(STAMP)
-	$(PY) -m handpose.data.synthetic --out data/hand_synthetic --seed 0 --if-missing $(ARGS)
+	$(PY) -m handpose.data.synthetic --out data/hand_synthetic --seed 0 $(ARGS)
 
 # Real datasets -> the sequence format (resumable, parallel, self-checked): make data-freihand SRC=... MANO=...
 data-freihand: $(STAMP)

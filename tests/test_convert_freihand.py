@@ -97,8 +97,12 @@ def test_freihand_conversion_reproduces_the_joints_and_loads(tmp_path):
         HandWindowDataset(out, "train", num_frame=3, img_size=64)
     # a re-run converts nothing again
     assert _convert(tmp_path / "src", out) == 0
-    assert json.loads((out / "conversion_report.json").read_text())["skipped_existing"] == len(
-        splits["train"]) + len(splits["val"]) + len(splits["test"])
+    total = len(splits["train"]) + len(splits["val"]) + len(splits["test"])
+    assert json.loads((out / "conversion_report.json").read_text())["skipped_existing"] == total
+    # --overwrite converts (and checks) every sequence again
+    assert _convert(tmp_path / "src", out, "--overwrite") == 0
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["skipped_existing"] == 0 and report["converted"] == total
 
 
 def test_a_wrong_pose_convention_fails_the_joint_check_with_its_worst_frames(tmp_path, capsys):

@@ -305,3 +305,26 @@ def test_ddp_shards_and_worker_seeds_are_functions_of_seed_epoch_and_rank():
     single = _SeedModule(batch_size=2, seed=5)
     single.setup("fit")
     assert isinstance(single.train_dataloader().sampler, EpochSeededRandomSampler)  # one process: unchanged
+
+
+def test_data_clis_keep_existing_output_and_overwrite_rebuilds(tmp_path):
+    """The data CLIs share their flags: `--out`, `--seed`, existing output kept (a second run is a no-op), and
+    `--overwrite` regenerates it."""
+    from gesture.data import synthetic as gesture_synthetic
+    from handpose.data import synthetic as hand_synthetic
+
+    clis = {
+        "hand": (hand_synthetic.main, ["--num-seqs", "3", "--train-seqs", "0", "--min-frames", "2", "--max-frames", "2",
+                                       "--image-size", "32", "--workers", "1"], "splits.json"),
+        "gesture": (gesture_synthetic.main, ["--num-speakers", "1", "--clips-per-speaker", "2", "--seconds", "2",
+                                             "--unknown-clips", "0"], "train_test_split.csv"),
+    }
+    for name, (main, args, marker) in clis.items():
+        out = tmp_path / name
+        main(["--out", str(out), "--seed", "1", *args])
+        first = (out / marker).stat().st_mtime_ns
+        (out / "mine.txt").write_text("kept")
+        main(["--out", str(out), "--seed", "1", *args])
+        assert (out / marker).stat().st_mtime_ns == first and (out / "mine.txt").is_file(), name
+        main(["--out", str(out), "--seed", "1", *args, "--overwrite"])
+        assert (out / marker).is_file() and not (out / "mine.txt").exists(), name

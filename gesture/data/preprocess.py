@@ -428,12 +428,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--audio-features", default=PreprocessConfig.audio_features, choices=("onset_amp", "mel"))
     p.add_argument("--strict", action="store_true", help="fail on the first bad clip instead of skipping it")
     p.add_argument("--use-additional", action="store_true")
-    p.add_argument("--new-cache", action="store_true", help="rebuild even if the cache is up to date")
+    p.add_argument("--overwrite", action="store_true", help="rebuild the cache even if it is up to date")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = PreprocessConfig(pose_length=a.pose_length, stride=a.stride, audio_features=a.audio_features,
                            strict=a.strict, use_additional=a.use_additional)
-    cache = build_gesture_cache(a.root, a.cache_dir, cfg, force=a.new_cache)
+    cache = build_gesture_cache(a.root, a.cache_dir, cfg, force=a.overwrite)
     m = cache.meta
     print(f"{cache.path}: frames {m['frames']}, windows {m['windows']}, speakers {m['speakers']['raw_ids']} + "
           f"unknown, vocab {m['vocab_size']}, zero-variance parts {m['zero_variance_parts']}, "

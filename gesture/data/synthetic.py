@@ -393,12 +393,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=SyntheticConfig.seconds)
     p.add_argument("--unknown-clips", type=int, default=SyntheticConfig.unknown_clips)
     p.add_argument("--zero-face", action="store_true", help="zero jaw and expression, as SAM-3D-Body does")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="regenerate an existing corpus (default: keep it)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.out.exists():
         if not a.overwrite:
-            log.info("%s exists; leaving it (--overwrite regenerates)", a.out)
+            log.info("%s exists: kept (--overwrite regenerates it)", a.out)
             return
         shutil.rmtree(a.out)
     generate(a.out, SyntheticConfig(seed=a.seed, num_speakers=a.num_speakers, clips_per_speaker=a.clips_per_speaker,

@@ -1,7 +1,7 @@
 """Synthetic hand sequences in the on-disk format: procedural MANO, smooth random motion, rendered JPEGs.
 
-``python -m handpose.data.synthetic --out DIR [--seed S] [--num-seqs N] [--workers W] [--if-missing]`` writes
-DIR/splits.json and one folder per sequence; the output is a function of the arguments only (per-sequence
+``python -m handpose.data.synthetic --out DIR [--seed S] [--num-seqs N] [--workers W] [--overwrite]`` writes
+DIR/splits.json and one folder per sequence (an existing set is kept unless ``--overwrite``); the output is a function of the arguments only (per-sequence
 random streams).
 Motion is 30 fps with random frame drops (irregular timestamps); some frames are partly occluded.
 """
@@ -381,15 +381,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-min-frames", type=int, default=defaults.train_min_frames)
     p.add_argument("--train-max-frames", type=int, default=defaults.train_max_frames)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing set")
-    p.add_argument("--if-missing", action="store_true", help="do nothing when OUT/splits.json exists")
+    p.add_argument("--overwrite", action="store_true", help="regenerate an existing set (default: keep it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.if_missing and (args.out / SPLITS_FILE).exists():
-        log.info("%s exists: nothing to do", args.out / SPLITS_FILE)
+    if (args.out / SPLITS_FILE).exists() and not args.overwrite:
+        log.info("%s exists: kept (--overwrite regenerates it)", args.out)
         return
     if args.out.exists() and not args.overwrite:
-        p.error(f"{args.out} exists: pass --overwrite to regenerate it or --if-missing to keep it")
+        p.error(f"{args.out} exists but has no {SPLITS_FILE} (an interrupted or foreign folder): pass --overwrite "
+                "to replace it")
     cfg = replace(defaults, seed=args.seed, num_seqs=args.num_seqs, image_size=args.image_size,
                   min_frames=args.min_frames, max_frames=args.max_frames, train_seqs=args.train_seqs or None,
                   train_min_frames=args.train_min_frames, train_max_frames=args.train_max_frames)

@@ -74,12 +74,13 @@ class Job:
 
 
 def run_jobs(jobs: Sequence[Job], out: Path, workers: int, check: Callable[[Path], SequenceCheck],
-             tolerance_mm: float, progress: bool = True) -> dict:
-    """Write every job's sequence (skipping finished ones), check each, write ``splits.json`` -> report dict."""
+             tolerance_mm: float, progress: bool = True, overwrite: bool = False) -> dict:
+    """Write every job's sequence (skipping finished ones unless ``overwrite``), check each, write ``splits.json``
+    -> report dict."""
     from rich.progress import Progress
 
     out.mkdir(parents=True, exist_ok=True)
-    todo = [j for j in jobs if not (out / j.name / META_FILE).is_file()]
+    todo = [j for j in jobs if overwrite or not (out / j.name / META_FILE).is_file()]
     skipped = len(jobs) - len(todo)
     if skipped:
         log.info("%d of %d sequences already converted in %s: skipped", skipped, len(jobs), out)
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="use the procedural MANO stand-in (only for fixtures made with it)")
         q.add_argument("--workers", type=int, default=2)
         q.add_argument("--tolerance-mm", type=float, default=module.DEFAULT_TOLERANCE_MM)
+        q.add_argument("--overwrite", action="store_true",
+                       help="convert every sequence again (default: finished ones are kept; a re-run resumes)")
         q.add_argument("--no-progress", action="store_true")
         module.add_arguments(q)
     args = p.parse_args(argv)

@@ -157,4 +157,5 @@ def convert(args: argparse.Namespace) -> dict:
                                             mano_model_path=mano_path)
                     jobs.append(Job(name, split, run))
     check = functools.partial(check_joints, mano_model_path=mano_path, flat_hand_mean=False)
-    return run_jobs(jobs, out, args.workers, check, args.tolerance_mm, progress=not args.no_progress)
+    return run_jobs(jobs, out, args.workers, check, args.tolerance_mm, progress=not args.no_progress,
+                    overwrite=getattr(args, "overwrite", False))
