@@ -21,7 +21,7 @@ from common.mano import JOINT_NAMES_21
 from common.video import write_video
 from handpose.data.dataset import read_frame
 from handpose.data.format import LEFT, HandSequence, read_sequence, read_splits
-from handpose.lit import GT_COLOR, PRED_COLOR, SKELETON_PARENTS_21
+from handpose.lit import GT_COLOR, PRED_COLOR, draw_skeleton
 from handpose.tracker import HandTracker
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,6 @@ log = logging.getLogger(__name__)
 MIN_VIDEO_SIZE = 480  # frames are upscaled to at least this many pixels
 BOX_COLOR, TEXT_COLOR = (200, 200, 200), (255, 255, 255)  # RGB
 WRIST = JOINT_NAMES_21.index("wrist")
-
-
-def draw_skeleton(canvas: np.ndarray, joints_2d: np.ndarray, color: tuple[int, int, int], zoom: float) -> None:
-    """Draw a 21-joint skeleton (original-image pixels ``[21, 2]``) onto ``canvas`` (in place: it is ours)."""
-    pts = np.nan_to_num((joints_2d + 0.5) * zoom - 0.5, nan=-1e4).clip(-1e4, 1e4).round().astype(np.int32)
-    for child, parent in enumerate(SKELETON_PARENTS_21):
-        if parent >= 0:
-            cv2.line(canvas, tuple(pts[parent]), tuple(pts[child]), color, 2, cv2.LINE_AA)
-    for p in pts:
-        cv2.circle(canvas, tuple(p), 3, color, -1, cv2.LINE_AA)
 
 
 def overlay(frame_bgr: np.ndarray, pred_2d: np.ndarray | None, gt_2d: np.ndarray | None, bbox: np.ndarray,

@@ -53,6 +53,18 @@ def warmup_cosine(
     return LambdaLR(optimizer, factor)
 
 
+def draw_skeleton(canvas: np.ndarray, joints_2d: np.ndarray, color: tuple[int, int, int], zoom: float,
+                  thickness: int = 2, radius: int = 3) -> None:
+    """Draw a 21-joint skeleton (pixels ``[21, 2]``, scaled by ``zoom``) onto ``canvas`` (in place: the caller's
+    own canvas); non-finite joints are drawn off the canvas."""
+    pts = np.nan_to_num((joints_2d + 0.5) * zoom - 0.5, nan=-1e4).clip(-1e4, 1e4).round().astype(np.int32)
+    for child, parent in enumerate(SKELETON_PARENTS_21):
+        if parent >= 0:
+            cv2.line(canvas, tuple(pts[parent]), tuple(pts[child]), color, thickness, cv2.LINE_AA)
+    for p in pts:
+        cv2.circle(canvas, tuple(p), radius, color, -1, cv2.LINE_AA)
+
+
 def draw_keypoint_grid(
     img: torch.Tensor, joints_2d_gt: torch.Tensor, joints_2d_pred: torch.Tensor, max_items: int = 8
 ) -> np.ndarray:
@@ -67,12 +79,7 @@ def draw_keypoint_grid(
     for crop, gt, pred in zip(crops, joints_2d_gt[:n].detach().cpu().numpy(), joints_2d_pred[:n].detach().cpu().numpy()):
         tile = cv2.resize(crop, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
         for points, color in ((gt, GT_COLOR), (pred, PRED_COLOR)):
-            pts = np.nan_to_num((points + 0.5) * zoom - 0.5, nan=-1e4).clip(-1e4, 1e4).round().astype(np.int32)
-            for child, parent in enumerate(SKELETON_PARENTS_21):
-                if parent >= 0:
-                    cv2.line(tile, tuple(pts[parent]), tuple(pts[child]), color, 1, cv2.LINE_AA)
-            for p in pts:
-                cv2.circle(tile, tuple(p), 2, color, -1, cv2.LINE_AA)
+            draw_skeleton(tile, points, color, zoom, thickness=1, radius=2)
         tiles.append(tile)
     return np.concatenate(tiles, axis=1)
 

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from common.shapes import ShapeError
 from gesture.layout import PARTS, POSE_DIM
-from gesture.lit.vqvae import VQModule, load_vqvae, motion_reconstruction_terms
+from gesture.lit.reconstruction import motion_reconstruction_terms
+from gesture.lit.vqvae import VQModule, load_vqvae
 from gesture.models.vqvae import VQVAE
 
 FACE_DIM = PARTS["face"].stop - PARTS["face"].start

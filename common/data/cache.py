@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from common.data.staging import staged_folder
+
 log = logging.getLogger(__name__)
 
 _COMPLETE = "_COMPLETE.json"
@@ -76,20 +78,12 @@ class ArtifactCache:
         if self.is_valid() and not force:
             log.info("cache %s is up to date: %s", self.name, self.path)
             return self.path
-        self.cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_root / f".{self.path.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         t0 = time.perf_counter()
-        try:
+        with staged_folder(self.path) as tmp:
             builder(tmp)
             meta = {"key": self.key, "name": self.name, "config": self.config,
                     "files": [str(f) for f in self.files], "built_s": round(time.perf_counter() - t0, 3)}
             (tmp / _COMPLETE).write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.replace(tmp, self.path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         for stale in self.cache_root.glob(f"{self.name}-*"):
             if stale != self.path and stale.is_dir():
                 log.info("removing stale cache %s", stale)

@@ -28,6 +28,7 @@ from scipy.signal import butter, sosfilt
 
 from gesture.data.audio import frame_bounds
 from gesture.data.corpus import CorpusConfig, foot_contact
+from common.data.staging import staged_folder
 from gesture.layout import BODY_DIM, CONTACT_JOINTS, EXPR_DIM, HAND_DIM, HAND_PCA_DIM, JAW_DIM
 
 log = logging.getLogger(__name__)
@@ -340,11 +341,7 @@ def generate(out: Path | str, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
     t0 = time.perf_counter()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     corpus = CorpusConfig()
-    for sub in (corpus.motion_dir, corpus.wave_dir, corpus.textgrid_dir):
-        (tmp / sub).mkdir(parents=True)
     mix_rng = np.random.default_rng([cfg.seed, 99999])
     body_scale = mix_rng.uniform(0.02, 0.25, BODY_DIM)  # some joints move much more than others
     # Orthonormal latent directions per speed group (body, each hand): a group's speed is the latent speed times
@@ -363,23 +360,20 @@ def generate(out: Path | str, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
             clips.append((f"{raw_id}_{name}_0_{k + 1}_{k + 1}", _split_of(k, cfg.clips_per_speaker, s), spk))
     for u in range(cfg.unknown_clips):
         clips.append((f"podcast_{u + 1:04d}", "train", _speaker(cfg.seed, 100 + u, -1)))
-    rows = ["id,type"]
-    for index, (name, split, spk) in enumerate(clips):
-        seconds = cfg.seconds * float(np.random.default_rng([cfg.seed, index, 7]).uniform(0.92, 1.08))
-        style = "keypoints" if index % 2 == 0 else "contact"
-        data, audio, words = _clip(cfg, index, spk, seconds, mixing, style)
-        np.savez(tmp / corpus.motion_dir / f"{name}.npz", **data)
-        sf.write(str(tmp / corpus.wave_dir / f"{name}.wav"), audio, cfg.sr, subtype="PCM_16")
-        _write_textgrid(tmp / corpus.textgrid_dir / f"{name}.TextGrid", words, len(audio) / cfg.sr)
-        rows.append(f"{name},{split}")
-    (tmp / corpus.split_file).write_text("\n".join(rows) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / corpus.split_file).is_file():  # lost a race with another process: theirs is fine
-            raise
+    # a corpus another process finished meanwhile is kept (replace=False): theirs is the same
+    with staged_folder(out, replace=False) as tmp:
+        for sub in (corpus.motion_dir, corpus.wave_dir, corpus.textgrid_dir):
+            (tmp / sub).mkdir(parents=True)
+        rows = ["id,type"]
+        for index, (name, split, spk) in enumerate(clips):
+            seconds = cfg.seconds * float(np.random.default_rng([cfg.seed, index, 7]).uniform(0.92, 1.08))
+            style = "keypoints" if index % 2 == 0 else "contact"
+            data, audio, words = _clip(cfg, index, spk, seconds, mixing, style)
+            np.savez(tmp / corpus.motion_dir / f"{name}.npz", **data)
+            sf.write(str(tmp / corpus.wave_dir / f"{name}.wav"), audio, cfg.sr, subtype="PCM_16")
+            _write_textgrid(tmp / corpus.textgrid_dir / f"{name}.TextGrid", words, len(audio) / cfg.sr)
+            rows.append(f"{name},{split}")
+        (tmp / corpus.split_file).write_text("\n".join(rows) + "\n")
     log.info("synthetic gesture corpus: %d clips in %s (%.1fs)", len(clips), out, time.perf_counter() - t0)
     return out
 

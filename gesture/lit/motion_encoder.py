@@ -9,18 +9,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics import MeanMetric
 
-from common.shapes import assert_same_shape, expect_shape
+from common.shapes import expect_shape
+from gesture.lit.reconstruction import ReconstructionModule, motion_reconstruction_terms
 from gesture.models.motion_encoder import CONFIG_KEY, MotionEncoder
 
 log = logging.getLogger(__name__)
 
 
-class MotionEncoderModule(L.LightningModule):
+class MotionEncoderModule(ReconstructionModule):
     """Trains ``encoder`` to reconstruct ``batch["motion"] [b, T, 320]`` (normalised) through its bottleneck.
 
     Args:
@@ -41,14 +39,9 @@ class MotionEncoderModule(L.LightningModule):
         rec_weight: float = 1.0,
         vel_weight: float = 1.0,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, scheduler, {"rec": rec_weight, "vel": vel_weight})
         self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler"])
         self.encoder = encoder
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.weights = {"rec": rec_weight, "vel": vel_weight}
-        for stage in ("val", "test"):
-            for name in ("rec", "vel", "rec_mean_baseline"):
-                setattr(self, f"{stage}_{name}", MeanMetric())
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -69,39 +62,17 @@ class MotionEncoderModule(L.LightningModule):
             x = x[:, : x.shape[1] // factor * factor]
         x_hat, _ = self.encoder(x)
         target = self.encoder.select(x)
-        assert_same_shape(x_hat, target, "x_hat", "target")
-        terms = {"rec": F.mse_loss(x_hat, target), "vel": F.mse_loss(x_hat.diff(dim=1), target.diff(dim=1))}
-        return terms, target
+        return motion_reconstruction_terms(x_hat, target, acc=False), target
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms, target = self._terms(batch)
-        loss = sum(self.weights[k] * v for k, v in terms.items())
-        b = target.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=b)
+        loss = self.weighted_loss(terms)
+        self.log_train(loss, terms, target.shape[0])
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         terms, target = self._terms(batch, crop=stage == "test")
-        n = target.numel()
-        values = {**terms, "rec_mean_baseline": target.pow(2).mean()}
-        for name, value in values.items():
-            metric = getattr(self, f"{stage}_{name}")
-            metric.update(value, weight=n)
-            self.log(f"{stage}/{name}", metric, prog_bar=name == "rec", batch_size=target.shape[0])
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return opt
-        scheduler = {"scheduler": self.scheduler_factory(opt), "interval": "epoch", "monitor": "val/rec"}
-        return {"optimizer": opt, "lr_scheduler": scheduler}
+        self.update_eval(stage, terms, target)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = dict(self.encoder.config)

@@ -13,14 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics import MeanMetric
 
 from common.checkpoint import read_checkpoint
-from common.shapes import assert_same_shape, expect_shape
+from common.shapes import expect_shape
 from gesture.layout import PARTS, POSE_DIM, VQ_PARTS
+from gesture.lit.reconstruction import ReconstructionModule, motion_reconstruction_terms
 from gesture.models.quantizer import CodebookUsage, Quantizer
 from gesture.models.vqvae import VQVAE
 
@@ -30,21 +28,7 @@ CONFIG_KEY = "vqvae_config"  # checkpoint entry holding VQVAE's constructor argu
 STATE_PREFIX = "vqvae."  # VQModule attribute name, prefix of the VQ-VAE weights in the Lightning state dict
 
 
-def motion_reconstruction_terms(x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """MSE of positions, velocities (first differences) and accelerations (second differences).
-
-    ``x_hat, x [b, T, d] -> {"rec", "vel", "acc"}`` scalars; ``T >= 3``.
-    """
-    assert_same_shape(x_hat, x, "x_hat", "x")
-    vel_hat, vel = x_hat.diff(dim=1), x.diff(dim=1)
-    return {
-        "rec": F.mse_loss(x_hat, x),
-        "vel": F.mse_loss(vel_hat, vel),
-        "acc": F.mse_loss(vel_hat.diff(dim=1), vel.diff(dim=1)),
-    }
-
-
-class VQModule(L.LightningModule):
+class VQModule(ReconstructionModule):
     """Trains one part's VQ-VAE on ``batch["motion"] [b, T, 320]`` normalised by the train mean/std.
 
     Args:
@@ -69,15 +53,11 @@ class VQModule(L.LightningModule):
         vel_weight: float = 1.0,
         acc_weight: float = 1.0,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, scheduler, {"rec": rec_weight, "vel": vel_weight, "acc": acc_weight})
         self.save_hyperparameters(ignore=["vqvae", "optimizer", "scheduler"])
         self.vqvae = vqvae
         self.part_slice = PARTS[vqvae.part]
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.weights = {"rec": rec_weight, "vel": vel_weight, "acc": acc_weight}
         for stage in ("val", "test"):
-            for name in ("rec", "vel", "rec_mean_baseline"):
-                setattr(self, f"{stage}_{name}", MeanMetric())
             setattr(self, f"{stage}_codes", CodebookUsage(vqvae.n_codes))
         # DDP would overwrite every rank's guard counters and usage window with rank 0's at each forward.
         self._ddp_params_and_buffers_to_ignore = [
@@ -98,10 +78,9 @@ class VQModule(L.LightningModule):
         x = self._part(batch)
         x_hat, vq_loss, info = self.vqvae(x)
         terms = motion_reconstruction_terms(x_hat, x)
-        loss = sum(self.weights[k] * v for k, v in terms.items()) + vq_loss
+        loss = self.weighted_loss(terms) + vq_loss
         b = x.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=b)
+        self.log_train(loss, terms, b)
         self.log_dict({"train/vq": vq_loss, "train/perplexity": info["perplexity"], "train/usage": info["usage"]},
                       batch_size=b)
         q = self.vqvae.quantizer
@@ -116,15 +95,8 @@ class VQModule(L.LightningModule):
         factor = 2**self.vqvae.down_t
         x = x[:, : x.shape[1] // factor * factor]  # whole test clips: drop the < 2**down_t frames that don't fit
         x_hat, _, info = self.vqvae(x)
-        terms = motion_reconstruction_terms(x_hat, x)
-        n = x.numel()
-        getattr(self, f"{stage}_rec").update(terms["rec"], weight=n)
-        getattr(self, f"{stage}_vel").update(terms["vel"], weight=n)
-        getattr(self, f"{stage}_rec_mean_baseline").update(x.pow(2).mean(), weight=n)
+        self.update_eval(stage, motion_reconstruction_terms(x_hat, x), x)
         getattr(self, f"{stage}_codes").update(info["counts"])
-        for name in ("rec", "vel", "rec_mean_baseline"):
-            self.log(f"{stage}/{name}", getattr(self, f"{stage}_{name}"), prog_bar=name == "rec",
-                     batch_size=x.shape[0])
 
     def _log_codes(self, stage: str) -> None:
         codes: CodebookUsage = getattr(self, f"{stage}_codes")
@@ -132,24 +104,11 @@ class VQModule(L.LightningModule):
         self.log_dict({f"{stage}/perplexity": perplexity, f"{stage}/usage": usage})
         codes.reset()
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
     def on_validation_epoch_end(self) -> None:
         self._log_codes("val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
     def on_test_epoch_end(self) -> None:
         self._log_codes("test")
-
-    def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return opt
-        scheduler = {"scheduler": self.scheduler_factory(opt), "interval": "epoch", "monitor": "val/rec"}
-        return {"optimizer": opt, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = dict(self.vqvae.config)

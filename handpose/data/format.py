@@ -78,6 +78,8 @@ import cv2
 import numpy as np
 import simplejpeg
 
+from common.data.staging import staged_folder
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 ANNOTATION_FILE = "annotations.npz"
@@ -300,10 +302,8 @@ def write_sequence(
     where = f"sequence {folder}"
     if folder.exists() and not overwrite:
         raise _fail(where, "folder exists (pass overwrite=True to replace it)")
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / FRAMES_DIR).mkdir(parents=True)
-    try:
+    with staged_folder(folder) as tmp:
+        (tmp / FRAMES_DIR).mkdir()
         image_size = None
         count = 0
         for i, frame in enumerate(frames):
@@ -327,12 +327,6 @@ def write_sequence(
         _validate_meta(meta, where)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         np.savez(tmp / ANNOTATION_FILE, **checked)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return read_sequence(folder)
 
 

@@ -23,6 +23,7 @@ import torch
 from scipy.interpolate import PchipInterpolator
 from scipy.spatial.transform import Rotation, RotationSpline
 
+from common.data.staging import staged_folder
 from common.geometry import project
 from common.mano import (
     FINGERTIP_NAMES,
@@ -323,12 +324,10 @@ def generate_dataset(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True to regenerate)")
     splits = cfg.split_names()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     t0 = time.perf_counter()
-    try:
+    # replace=overwrite: without it, a set another process (e.g. a second node) finished meanwhile is kept
+    with staged_folder(out, replace=overwrite) as tmp:
         indices = cfg.indices()
         if workers <= 1:
             for i in indices:
@@ -339,16 +338,6 @@ def generate_dataset(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), 
                 list(pool.map(make_sequence, [tmp] * len(indices), indices, [cfg] * len(indices), chunksize=4))
         write_splits(tmp, splits)
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=1))
-        if out.exists() and not overwrite:  # another process (e.g. a second node) finished first
-            log.warning("%s appeared while generating; keeping it", out)
-            shutil.rmtree(tmp)
-            return out
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("generated %d synthetic sequences in %s (%.1f s)", len(cfg.indices()), out, time.perf_counter() - t0)
     return out
 

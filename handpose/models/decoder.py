@@ -18,6 +18,8 @@ from common.mano import load_mano_arrays
 from common.rotations import axis_angle_to_rotation_6d, rotation_6d_to_axis_angle
 from common.shapes import expect_shape
 
+from .backbone import CNNBackbone
+
 NUM_POSE_JOINTS = 16  # MANO: global orientation + 15 finger joints
 POSE_DIM = NUM_POSE_JOINTS * 3
 SHAPE_DIM = 10
@@ -470,3 +472,13 @@ class HandDecoder(nn.Module):
         values = torch.stack([(lh.exp() * c).sum(-1) for lh, c in zip(log_heatmaps, self.bin_centers)], dim=-1)
         trans = self.translation.decode(values, shape, focal, princpt)
         return HandPrediction(ManoParams(pose, shape, trans), log_heatmaps)
+
+
+def make_keypoint_head(backbone: nn.Module, depth: bool = False) -> nn.Module:
+    """The auxiliary 2D keypoint head that fits the backbone's features: heatmaps on a CNN's dense map (with
+    ``depth``, also each joint's relative depth), a softmax over the patch tokens on a ViT."""
+    if isinstance(backbone, CNNBackbone):
+        return HeatmapKeypointHead(backbone.dense_dim, backbone.dense_stride, backbone.img_size, depth=depth)
+    if depth:
+        raise ValueError("model.net.decoder.joint_depth needs a CNN backbone (the heatmap head)")
+    return PatchKeypointHead(backbone.embed_dim, backbone.grid_size, backbone.img_size)

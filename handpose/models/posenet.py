@@ -26,10 +26,9 @@ from .decoder import (
     SHAPE_DIM,
     HandDecoder,
     HandPrediction,
-    HeatmapKeypointHead,
     ManoParams,
-    PatchKeypointHead,
     camera_features,
+    make_keypoint_head,
 )
 from .temporal import TemporalEncoder
 
@@ -72,16 +71,6 @@ def _factory(spec: Mapping | Callable[..., nn.Module] | None, cls: type[nn.Modul
     if isinstance(spec, functools.partial) and isinstance(spec.func, type) and issubclass(spec.func, cls):
         return spec, dict(spec.keywords)
     raise TypeError(f"model.net.{key}: expected the kwargs of {cls.__name__} or a _partial_ of it, got {spec!r}")
-
-
-def make_keypoint_head(backbone: nn.Module, depth: bool = False) -> nn.Module:
-    """The auxiliary 2D keypoint head that fits the backbone's features: heatmaps on a CNN's dense map (with
-    ``depth``, also each joint's relative depth), a softmax over the patch tokens on a ViT."""
-    if isinstance(backbone, CNNBackbone):
-        return HeatmapKeypointHead(backbone.dense_dim, backbone.dense_stride, backbone.img_size, depth=depth)
-    if depth:
-        raise ValueError("model.net.decoder.joint_depth needs a CNN backbone (the heatmap head)")
-    return PatchKeypointHead(backbone.embed_dim, backbone.grid_size, backbone.img_size)
 
 
 class PoseNet(nn.Module):
@@ -145,6 +134,11 @@ class PoseNet(nn.Module):
         if freeze_heads:
             for head in self.decoder.output_heads():
                 head.requires_grad_(False)
+
+    @property
+    def has_heatmaps(self) -> bool:
+        """Whether the keypoint head is the heatmap head (``make_keypoint_head`` on a CNN backbone)."""
+        return self.keypoint_head is not None and isinstance(self.backbone, CNNBackbone)
 
     @property
     def token_dim(self) -> int:
@@ -253,7 +247,7 @@ class PoseNet(nn.Module):
                 features = rearrange(patches, "(b t) n c -> b t n c", b=b)
         camera = camera_features(focal, princpt, (size, size))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            if isinstance(self.keypoint_head, HeatmapKeypointHead):
+            if self.has_heatmaps:
                 log_heatmaps, depths = self.keypoint_head.maps(dense)  # [(b t), 21, K], [(b t), 21] or None
                 if self.decoder.uses_joints:
                     hint = None if joint_hint is None else (
@@ -329,7 +323,7 @@ class PoseNet(nn.Module):
         """As :meth:`predict_with_keypoints`, plus the heatmap head's log-probabilities over its cells
         [b, 1, 21, K] (their centres: ``keypoint_head.cell_centres`` [K, 2]) and, with ``joint_depth``, the joints'
         relative depths [b, 1, 21] (else None); needs a CNN backbone. ``joint_hint``: see :meth:`_encode`."""
-        if not isinstance(self.keypoint_head, HeatmapKeypointHead):
+        if not self.has_heatmaps:
             raise RuntimeError("predict_with_heatmaps needs aux_keypoints=True and a CNN backbone (heatmap head)")
         tokens, _, log_heatmaps, depths = self._encode(img, bbox, focal, princpt, joint_hint)
         keypoints = self.keypoint_head.coordinates(log_heatmaps[:, -1])
