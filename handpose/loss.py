@@ -15,14 +15,9 @@ from torch import nn
 from common.mano import JOINT_NAMES_21, ManoLayer
 from common.rotations import axis_angle_to_matrix
 from common.shapes import assert_same_shape, expect_shape
-from handpose.models.decoder import (
-    NUM_POSE_JOINTS,
-    POSE_DIM,
-    SHAPE_DIM,
-    HandPrediction,
-    HeatmapKeypointHead,
-    TranslationBins,
-)
+from handpose.models.decoder import NUM_POSE_JOINTS, POSE_DIM, SHAPE_DIM, HandPrediction
+from handpose.models.keypoints import HeatmapKeypointHead
+from handpose.models.translation import TranslationBins
 
 LOSS_TERMS = ("pose", "shape", "trans", "joints", "verts", "joints_2d", "keypoints_2d", "heatmap_2d", "joint_depth")
 DEFAULT_WEIGHTS = {"pose": 1.0, "shape": 0.1, "trans": 0.1, "joints": 10.0, "verts": 10.0, "joints_2d": 1.0,

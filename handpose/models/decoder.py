@@ -1,8 +1,8 @@
 """Hand decoder: a learned query cross-attends to the backbone's tokens and becomes one hand token per frame;
 ``decode_token`` maps a hand token to MANO pose (6D -> axis-angle), shape and binned translation.
 
-The translation bins (the one source of truth for their centres and meaning) live here in
-:class:`TranslationBins`; the loss reads them from the model, and checkpoints carry them.
+The translation bins are :class:`handpose.models.translation.TranslationBins`; the 2D keypoint heads whose joints
+the decoder may read are in ``handpose.models.keypoints``.
 """
 
 from __future__ import annotations
@@ -14,20 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.mano import load_mano_arrays
 from common.rotations import axis_angle_to_rotation_6d, rotation_6d_to_axis_angle
 from common.shapes import expect_shape
 
-from .backbone import CNNBackbone
+from .translation import CAMERA_FEATURE_DIM, TranslationBins
 
 NUM_POSE_JOINTS = 16  # MANO: global orientation + 15 finger joints
 POSE_DIM = NUM_POSE_JOINTS * 3
 SHAPE_DIM = 10
-TRANS_AXES = ("x", "y", "z")
-CAMERA_FEATURE_DIM = 4
-TRANS_SPACES = ("camera", "crop")
 JOINT_DEPTH_MODES = (False, None, True, "aux", "input")  # decoder.joint_depth (true = "input")
-CROP_DEPTH_REF_M = 0.2  # crop space: z is binned as log(z / z_ref), z_ref = depth at which 0.2 m spans the crop
 
 
 class ManoParams(NamedTuple):
@@ -43,229 +38,6 @@ class HandPrediction(NamedTuple):
 
     mano: ManoParams
     log_heatmaps: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def make_bin_centers(trans_bins: Mapping[str, Mapping[str, float]]) -> tuple[torch.Tensor, ...]:
-    """``{x: {min, max, num}, y: ..., z: ...}`` (metres) -> three float32 tensors of evenly spaced centres."""
-    missing = [axis for axis in TRANS_AXES if axis not in trans_bins]
-    if missing:
-        raise KeyError(f"trans_bins: missing axes {missing}; expected {{x|y|z: {{min, max, num}}}}")
-    centers = []
-    for axis in TRANS_AXES:
-        spec = trans_bins[axis]
-        lo, hi, num = float(spec["min"]), float(spec["max"]), int(spec["num"])
-        if not (hi > lo and num >= 2):
-            raise ValueError(f"trans_bins.{axis}: need max > min and num >= 2, got {dict(spec)}")
-        centers.append(torch.linspace(lo, hi, num))
-    return tuple(centers)
-
-
-class TranslationBins(nn.Module):
-    """Per-axis translation bins and the map between bin space and MANO's camera-space ``trans``.
-
-    ``space="camera"``: the bins are MANO ``trans`` itself, x / y / z in metres.
-    ``space="crop"``: the bins are where the root joint (the wrist) lies in the crop, ``u / S`` and ``v / S``
-    (crop pixels over the crop side ``S``), and its depth as ``log(z / z_ref)`` with ``z_ref = f * 0.2 m / S``
-    (``f`` the crop's mean focal length). All three are read off the crop alone; the real intrinsics turn them
-    into metres: ``z = z_ref e^c``, ``X = (u - cx) z / fx``, ``Y = (v - cy) z / fy``, and
-    ``trans = root - J0(shape)`` with MANO's rest-pose root joint ``J0`` (linear in the shape).
-    In camera space the network must learn depth as a product of the crop's scale and what it sees.
-
-    Centres, space and the MANO root regressor are persistent buffers: a checkpoint carries what its
-    translation outputs mean, and loading it into bins of another configuration is an error.
-    """
-
-    def __init__(self, bins: Mapping[str, Mapping[str, float]], space: str = "camera", img_size: int = 128,
-                 mano_model_path: str | None = None) -> None:
-        super().__init__()
-        if space not in TRANS_SPACES:
-            raise ValueError(f"trans_space: {space!r} is not one of {TRANS_SPACES}")
-        self.space = space
-        self.img_size = int(img_size)
-        for axis, centers in zip(TRANS_AXES, make_bin_centers(bins)):
-            self.register_buffer(f"centers_{axis}", centers)
-        self.register_buffer("space_code", torch.tensor(TRANS_SPACES.index(space)))
-        arrays = load_mano_arrays(mano_model_path, side="right")
-        root_row = torch.as_tensor(arrays["J_regressor"][0], dtype=torch.float64)  # [778]
-        self.register_buffer("rest_root", (root_row @ torch.as_tensor(arrays["v_template"])).float())  # [3]
-        dirs = torch.einsum("v,vcs->cs", root_row, torch.as_tensor(arrays["shapedirs"], dtype=torch.float64))
-        self.register_buffer("rest_root_dirs", dirs[:, :SHAPE_DIM].float())  # [3, 10]
-
-    @property
-    def centers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Bin centres of the three axes: [Bx], [By], [Bz]."""
-        return self.centers_x, self.centers_y, self.centers_z
-
-    def root_joint(self, shape: torch.Tensor) -> torch.Tensor:
-        """shape [..., 10] -> MANO's rest-pose root joint J0 [..., 3] (the global rotation turns about it)."""
-        return self.rest_root.to(shape.dtype) + shape @ self.rest_root_dirs.to(shape.dtype).T
-
-    def _z_ref(self, focal: torch.Tensor) -> torch.Tensor:
-        return focal.mean(dim=-1) * CROP_DEPTH_REF_M / self.img_size
-
-    def encode(self, trans: torch.Tensor, root: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor) -> torch.Tensor:
-        """trans [..., 3] (MANO), root [..., 3] (camera-space wrist), focal / princpt [..., 2] (crop) -> bin
-        space [..., 3]: the classification target."""
-        if self.space == "camera":
-            return trans
-        z = root[..., 2].clamp(min=1e-3)
-        uv = root[..., :2] / z[..., None] * focal + princpt
-        return torch.cat([uv / self.img_size, torch.log(z / self._z_ref(focal))[..., None]], dim=-1)
-
-    def decode(self, values: torch.Tensor, shape: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor) -> torch.Tensor:
-        """values [..., 3] (bin space), shape [..., 10], focal / princpt [..., 2] (crop) -> MANO trans [..., 3]."""
-        if self.space == "camera":
-            return values
-        z = self._z_ref(focal) * torch.exp(values[..., 2])
-        xy = (values[..., :2] * self.img_size - princpt) / focal * z[..., None]
-        return torch.cat([xy, z[..., None]], dim=-1) - self.root_joint(shape)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        for name in ("space_code", "centers_x", "centers_y", "centers_z"):
-            saved = state_dict.get(prefix + name)
-            mine = getattr(self, name)
-            if saved is not None and (saved.shape != mine.shape or not torch.allclose(saved.float(), mine.float())):
-                saved_space = TRANS_SPACES[int(state_dict[prefix + "space_code"])] if prefix + "space_code" in state_dict else "?"
-                raise ValueError(
-                    f"translation bins: the weights were trained with {name} = {_describe(saved)} (space "
-                    f"{saved_space!r}), this model is configured with {_describe(mine)} (space {self.space!r}); "
-                    "set model.net.decoder.trans_bins / trans_space to the checkpoint's values")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-
-def _describe(t: torch.Tensor) -> str:
-    if t.ndim == 0:
-        return str(int(t))
-    return f"{len(t)} bins {float(t[0]):.4g}..{float(t[-1]):.4g}"
-
-
-def camera_features(focal: torch.Tensor, princpt: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
-    """Crop intrinsics -> [..., 4]: ray through the crop centre and log angular crop size, per axis.
-
-    focal [..., 2], princpt [..., 2] (crop pixels) -> [(W/2 - cx)/fx, (H/2 - cy)/fy, log(W/fx), log(H/fy)].
-    For an axis-aligned crop these equal ((bbox centre - orig_princpt) / orig_focal, log(bbox size /
-    orig_focal)): the direction of the hand and the metric scale of a crop pixel, which together make absolute
-    translation recoverable from a crop.
-    """
-    h, w = crop_hw
-    size = torch.tensor([w, h], dtype=focal.dtype, device=focal.device)
-    direction = (size / 2 - princpt) / focal
-    return torch.cat([direction, torch.log(size / focal)], dim=-1)
-
-
-class PatchKeypointHead(nn.Module):
-    """Dense 2D supervision for the backbone: per joint, a softmax over the patch tokens, and the expected patch
-    centre (soft-argmax) is that joint's position in the crop.
-
-    Regressing MANO from one pooled token teaches a small ViT trained from scratch little about where the fingers
-    are; asking every patch whether a joint lies in it does (the reason hand models start from keypoint
-    pretraining). Used as an auxiliary loss (``keypoints_2d``); MANO outputs do not depend on it.
-    """
-
-    def __init__(self, in_dim: int, grid_size: tuple[int, int], img_size: int, num_joints: int = 21) -> None:
-        super().__init__()
-        self.num_joints = num_joints
-        self.logits = nn.Linear(in_dim, num_joints)
-        gh, gw = grid_size
-        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-        # centre of each patch in crop pixels (integer values at pixel centres, as the data's joints_2d)
-        centres = (torch.stack([xs, ys], dim=-1).reshape(-1, 2).float() + 0.5) * (img_size / torch.tensor([gw, gh]))
-        self.register_buffer("patch_centres", centres - 0.5, persistent=False)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches [n, N, in_dim] -> joints [n, num_joints, 2] (crop pixels, u then v)."""
-        n = patches.shape[0]
-        expect_shape(patches, (n, self.patch_centres.shape[0], None), "patch tokens")
-        weights = F.softmax(self.logits(patches), dim=1)  # [n, N, J], over patches
-        return torch.einsum("nkj,kc->njc", weights, self.patch_centres.to(weights.dtype))
-
-
-class HeatmapKeypointHead(nn.Module):
-    """Pixel-aligned 2D joints from a dense feature map: per joint, a softmax over the map's cells and the
-    expected cell centre (integral regression, Sun et al. 2018). At stride 4 a 128 px crop gives a 32 x 32
-    heatmap per joint: a far denser signal for the backbone than an 8 x 8 patch grid.
-    """
-
-    def __init__(self, in_dim: int, stride: int, img_size: int, num_joints: int = 21, hidden: int = 64,
-                 depth: bool = False) -> None:
-        super().__init__()
-        if img_size % stride:
-            raise ValueError(f"heatmap stride {stride} does not divide the crop size {img_size}")
-        self.num_joints = num_joints
-        self.img_size = img_size
-        self.grid = img_size // stride
-        self.logits = nn.Sequential(nn.Conv2d(in_dim, hidden, 3, padding=1), nn.ReLU(inplace=True),
-                                    nn.Conv2d(hidden, num_joints, 1))
-        # depth: one map per joint beside its heatmap; the joint's depth is the map read under its heatmap
-        # (2.5D joints, Iqbal et al. 2018), in the units of :meth:`relative_depths`.
-        self.depth_maps = nn.Conv2d(hidden, num_joints, 1) if depth else None
-        cells = (torch.arange(self.grid, dtype=torch.float32) + 0.5) * stride - 0.5  # crop pixels, centres
-        ys, xs = torch.meshgrid(cells, cells, indexing="ij")
-        self.register_buffer("cell_centres", torch.stack([xs, ys], dim=-1).reshape(-1, 2), persistent=False)
-
-    def log_heatmaps(self, dense: torch.Tensor) -> torch.Tensor:
-        """dense [n, C, g, g] -> per-joint log-probabilities over the cells [n, J, g * g]."""
-        return self.maps(dense)[0]
-
-    def maps(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """dense [n, C, g, g] -> (log-heatmaps [n, J, g * g], joint depths [n, J] read under them, or None without
-        ``depth``)."""
-        n = dense.shape[0]
-        expect_shape(dense, (n, None, self.grid, self.grid), "dense features")
-        hidden = self.logits[:-1](dense)
-        log_heatmaps = F.log_softmax(self.logits[-1](hidden).flatten(2), dim=-1)
-        if self.depth_maps is None:
-            return log_heatmaps, None
-        depths = torch.einsum("njk,njk->nj", log_heatmaps.exp(), self.depth_maps(hidden).flatten(2))
-        return log_heatmaps, depths
-
-    @staticmethod
-    def relative_depths(joints_cam: torch.Tensor, focal: torch.Tensor, img_size: int) -> torch.Tensor:
-        """joints [..., J, 3] camera space, focal [..., 2] (crop pixels) -> each joint's depth behind the wrist in
-        crop sides at the wrist's depth, ``(Z - Z_wrist) / Z_wrist * f / S`` [..., J]: the units of
-        :meth:`relative_positions`, so (position, depth) is the hand's 3D shape, free of its distance."""
-        z = joints_cam[..., 2]
-        wrist = z[..., :1].clamp(min=1e-3)
-        return (z - wrist) / wrist * focal.mean(dim=-1, keepdim=True) / img_size
-
-    def coordinates(self, log_heatmaps: torch.Tensor) -> torch.Tensor:
-        """log-probabilities [n, J, g * g] -> expected joint positions [n, J, 2] (crop pixels, u then v)."""
-        prob = log_heatmaps.exp()
-        return torch.einsum("njk,kc->njc", prob, self.cell_centres.to(prob.dtype))
-
-    def forward(self, dense: torch.Tensor) -> torch.Tensor:
-        """dense [n, C, g, g] -> joints [n, num_joints, 2] (crop pixels, u then v)."""
-        return self.coordinates(self.log_heatmaps(dense))
-
-    @staticmethod
-    def relative_positions(joints_2d: torch.Tensor, img_size: int) -> torch.Tensor:
-        """joints [..., J, 2] crop pixels -> the wrist in [-0.5, 0.5] and the others relative to it (crop sides)."""
-        position = (joints_2d + 0.5) / img_size - 0.5
-        return torch.cat([position[..., :1, :], position[..., 1:, :] - position[..., :1, :]], dim=-2)
-
-    def joint_features(self, dense: torch.Tensor, log_heatmaps: torch.Tensor,
-                       hint: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       depths: torch.Tensor | None = None) -> torch.Tensor:
-        """dense [n, C, g, g], log_heatmaps [n, J, g * g] -> per joint [n, J, C + 2] (with ``depths`` [n, J]:
-        [n, J, C + 3]): the dense features pooled under the joint's heatmap, and its expected position: the wrist's
-        in the crop (in [-0.5, 0.5]), the others' relative to the wrist (crop sides), then its relative depth.
-        ``hint`` = (joints [n, J, 2] crop pixels, use [n] bool): those samples' positions are the given joints
-        instead of the heatmaps' (training on noisy ground truth)."""
-        prob = log_heatmaps.exp()
-        pooled = torch.einsum("njk,nck->njc", prob, dense.flatten(2).to(prob.dtype))
-        joints = self.coordinates(log_heatmaps)
-        if hint is not None:
-            given, use = hint
-            expect_shape(given, tuple(joints.shape), "joint hint")
-            expect_shape(use, (joints.shape[0],), "joint hint mask")
-            joints = torch.where(use[:, None, None], given.to(joints.dtype), joints)
-        parts = [pooled, self.relative_positions(joints, self.img_size)]
-        if depths is not None:
-            expect_shape(depths, tuple(joints.shape[:2]), "joint depths")
-            parts.append(depths[..., None].to(prob.dtype))
-        return torch.cat(parts, dim=-1)
 
 
 class HandDecoder(nn.Module):
@@ -472,13 +244,3 @@ class HandDecoder(nn.Module):
         values = torch.stack([(lh.exp() * c).sum(-1) for lh, c in zip(log_heatmaps, self.bin_centers)], dim=-1)
         trans = self.translation.decode(values, shape, focal, princpt)
         return HandPrediction(ManoParams(pose, shape, trans), log_heatmaps)
-
-
-def make_keypoint_head(backbone: nn.Module, depth: bool = False) -> nn.Module:
-    """The auxiliary 2D keypoint head that fits the backbone's features: heatmaps on a CNN's dense map (with
-    ``depth``, also each joint's relative depth), a softmax over the patch tokens on a ViT."""
-    if isinstance(backbone, CNNBackbone):
-        return HeatmapKeypointHead(backbone.dense_dim, backbone.dense_stride, backbone.img_size, depth=depth)
-    if depth:
-        raise ValueError("model.net.decoder.joint_depth needs a CNN backbone (the heatmap head)")
-    return PatchKeypointHead(backbone.embed_dim, backbone.grid_size, backbone.img_size)

@@ -21,16 +21,10 @@ from common.checkpoint import LoadReport, load_weights
 from common.shapes import expect_shape
 
 from .backbone import CNNBackbone, ViTBackbone
-from .decoder import (
-    POSE_DIM,
-    SHAPE_DIM,
-    HandDecoder,
-    HandPrediction,
-    ManoParams,
-    camera_features,
-    make_keypoint_head,
-)
+from .decoder import POSE_DIM, SHAPE_DIM, HandDecoder, HandPrediction, ManoParams
+from .keypoints import make_keypoint_head
 from .temporal import TemporalEncoder
+from .translation import camera_features
 
 log = logging.getLogger(__name__)
 
