@@ -11,7 +11,7 @@ RUN_ARG := $(if $(RUN),run_name=$(RUN),)
 TRAIN := $(PY) -m common.train
 
 # (gesture-prereqs is internal)
-.PHONY: gesture-prereqs install lock test test-full lint train-stage1 train-stage2 train-toy eval-hand data-hand data-freihand demo-tracker \
+.PHONY: gesture-prereqs install lock test test-full lint train-stage1 train-stage2 train-toy eval-hand data-hand data-freihand data-ho3d data-dexycb demo-tracker \
         data-gesture cache-gesture train-vqvae train-fgd train-mambatalk infer-mambatalk render-gesture bench \
         bench-hand bench-mamba bench-gesture gpu-check clean
 
@@ -66,11 +66,11 @@ STAGE1_DONE := outputs/stage1/stage1/metrics.json
 data-hand: $(STAMP)
 	$(PY) -m handpose.data.synthetic --out data/hand_synthetic --seed 0 $(ARGS)
 
-# Real datasets -> the sequence format (resumable, parallel, self-checked): make data-freihand SRC=... MANO=...
-data-freihand: $(STAMP)
-	@test -n "$(SRC)" || { echo "make data-freihand SRC=<FreiHAND root> MANO=<MANO folder> [OUT=data/freihand]"; exit 2; }
-	$(PY) -m handpose.data.convert freihand --src $(SRC) --out $(or $(OUT),data/freihand) \
-	  --mano-model-path $(MANO) $(ARGS)
+# Real datasets -> the sequence format (resumable, parallel, self-checked): make data-<name> SRC=... MANO=...
+HAND_DATASETS := freihand ho3d dexycb
+$(addprefix data-,$(HAND_DATASETS)): data-%: $(STAMP)
+	@test -n "$(SRC)" -a -n "$(MANO)" || { echo "make data-$* SRC=<$* root> MANO=<MANO folder> [OUT=data/$*]"; exit 2; }
+	$(PY) -m handpose.data.convert $* --src $(SRC) --out $(or $(OUT),data/$*) --mano-model-path $(MANO) $(ARGS)
 
 train-stage1: $(STAMP)
 	$(TRAIN) experiment=stage1 $(RUN_ARG) $(ARGS)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,37 @@ class EpochSeededDistributedSampler(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.loader_generator.manual_seed(worker_base_seed(self.seed, epoch, self.rank))
+
+
+class EpochSeededWeightedSampler(DistributedSampler):
+    """Draws ``num_samples`` indices per epoch with replacement, index ``i`` with probability proportional to
+    ``weights[i]`` (e.g. several datasets mixed by weight), as a function of ``(seed, epoch)``; each of
+    ``num_replicas`` ranks takes every ``num_replicas``-th draw. A DistributedSampler, so Lightning keeps it under
+    DDP and calls its ``set_epoch``, which also reseeds the workers' seeds per ``(seed, epoch, rank)``."""
+
+    def __init__(self, weights: Sequence[float] | torch.Tensor, num_samples: int, seed: int, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights.ndim != 1 or not len(self.weights) or (self.weights < 0).any() or self.weights.sum() <= 0:
+            raise ValueError("EpochSeededWeightedSampler: weights must be a non-empty 1-d array of values >= 0 with "
+                             "a positive sum")
+        super().__init__(range(len(self.weights)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.num_samples = -(-num_samples // num_replicas)  # per rank; every rank draws the same count
+        self.total_size = self.num_samples * num_replicas
+        self.loader_generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.loader_generator.manual_seed(worker_base_seed(self.seed, epoch, self.rank))
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g)
+        return iter(draws[self.rank:self.total_size:self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def worker_base_seed(seed: int, epoch: int, rank: int) -> int:
@@ -144,12 +175,18 @@ class BaseDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        shard = self._distributed_shard()
-        sampler = (EpochSeededRandomSampler(dataset, seed) if shard is None
-                   else EpochSeededDistributedSampler(dataset, seed, **shard))
         # No `shuffle=` argument: Lightning reads it back when it re-creates a loader, and an explicit False
         # would turn off a DistributedSampler's shuffling.
-        return self._loader(dataset, sampler=sampler, drop_last=self.drop_last_train)
+        return self._loader(dataset, sampler=self.train_sampler(dataset, seed, self._distributed_shard()),
+                            drop_last=self.drop_last_train)
+
+    def train_sampler(self, dataset: Dataset, seed: int, shard: dict[str, int] | None) -> Sampler:
+        """The training order: a function of (seed, epoch), and of the rank under DDP (``shard``: ``{num_replicas,
+        rank}``). A subclass may draw another way (e.g. weighted); its sampler must have ``set_epoch`` and a
+        ``loader_generator`` reseeded there (the workers' seeds), and be a DistributedSampler under DDP."""
+        if shard is None:
+            return EpochSeededRandomSampler(dataset, seed)
+        return EpochSeededDistributedSampler(dataset, seed, **shard)
 
     def _distributed_shard(self) -> dict[str, int] | None:
         """``{num_replicas, rank}`` when the trainer shards the training data over several processes, else None."""
@@ -180,9 +217,8 @@ class BaseDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: {role!r} dataset requested before setup() built it")
         return self.datasets[role]
 
-    def _loader(self, dataset: Dataset, sampler: RandomSampler | DistributedSampler | None,
-                drop_last: bool) -> DataLoader:
-        training = isinstance(sampler, (EpochSeededRandomSampler, EpochSeededDistributedSampler))
+    def _loader(self, dataset: Dataset, sampler: Sampler | None, drop_last: bool) -> DataLoader:
+        training = hasattr(sampler, "loader_generator")
         if training:
             generator = sampler.loader_generator
         else:  # evaluation loaders: fixed worker seeds, and no draw from the global RNG

@@ -1,7 +1,7 @@
 """Converters from real hand datasets to the sequence format of ``handpose.data.format``.
 
-``python -m handpose.data.convert freihand --src RAW_ROOT --out ROOT [--mano-model-path DIR] [--workers N]``
-(``make data-freihand SRC=...``). Every converter
+``python -m handpose.data.convert {freihand,ho3d,dexycb} --src RAW_ROOT --out ROOT [--mano-model-path DIR] [--workers N]``
+(``make data-freihand SRC=...``, ``data-ho3d``, ``data-dexycb``). Every converter
 
 - writes one folder per sequence through ``write_sequence`` (atomic: a folder exists only when complete), so a
   re-run skips the sequences already written (resumable) and ``splits.json`` is written last;
@@ -11,13 +11,14 @@
   their worst frames (a wrong axis or pose convention shows up here, not in training), and the run exits
   non-zero.
 
-Dataset specifics live in one module each (``freihand``). No converter downloads anything.
+Dataset specifics live in one module each (``freihand``, ``ho3d``, ``dexycb``). No converter downloads anything.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -26,10 +27,69 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.geometry import project
 from common.mano import ManoLayer
 from handpose.data.format import META_FILE, read_sequence, write_splits
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- shared helpers
+# Frame fields a converter fills with the nearest valid frame's values where a frame has no usable annotation
+# (the format wants usable values everywhere; `valid` false keeps them out of the loss).
+FILLED_FIELDS = ("mano_pose", "mano_shape", "mano_trans", "joints_cam", "focal", "princpt", "bbox")
+
+
+def fill_from_nearest_valid(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """New arrays where every invalid frame holds the nearest valid frame's ``FILLED_FIELDS``; an error naming
+    ``where`` when no frame is valid."""
+    valid = arrays["valid"]
+    if valid.all():
+        return dict(arrays)
+    good = np.flatnonzero(valid)
+    if not len(good):
+        raise ValueError(f"{where}: no frame has a usable annotation")
+    n = len(valid)
+    nearest = good[np.abs(np.arange(n)[:, None] - good[None]).argmin(1)]
+    return {k: (v[nearest] if k in FILLED_FIELDS else v) for k, v in arrays.items()}
+
+
+def vertex_bbox(vertices: np.ndarray, focal: np.ndarray, princpt: np.ndarray, image_size: tuple[int, int]
+                ) -> np.ndarray:
+    """Tight box ``[n, 4]`` (x0, y0, x1, y1) of camera-space vertices ``[n, V, 3]`` projected with per-frame
+    ``focal`` / ``princpt`` ``[n, 2]``, clipped to the image ``(W, H)``."""
+    uv = project(vertices, focal[:, None], princpt[:, None])
+    w, h = image_size
+    return np.concatenate([uv.min(1), uv.max(1)], 1).clip(0, [w, h, w, h])
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles annotation files made of dicts, numbers, strings and numpy arrays (Python 2 era included);
+    anything else is refused: unpickling runs code by design."""
+
+    SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bool", "bytes", "complex",
+                     "object", "slice", "bytearray"}
+
+    def find_class(self, module: str, name: str):
+        if module in ("builtins", "__builtin__") and name in self.SAFE_BUILTINS:
+            return super().find_class(module, name)
+        if module.split(".")[0] in ("numpy", "copy_reg", "copyreg", "_codecs"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: not part of an annotation file")
+
+
+def read_pickle(path: Path) -> dict:
+    """A dataset's annotation pickle as a dict; unreadable, truncated or unexpected files name themselves."""
+    try:
+        with open(path, "rb") as f:
+            data = _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {path} is missing") from None
+    except Exception as err:  # noqa: BLE001 - pickle, EOF and numpy errors of a truncated or foreign file
+        raise ValueError(f"annotation file {path}: unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"annotation file {path}: expected a dict, got {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -125,9 +185,9 @@ def _run_and_check(run: Callable[[Path], Path], check: Callable[[Path], Sequence
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from handpose.data.convert import freihand
+    from handpose.data.convert import dexycb, freihand, ho3d
 
-    converters = {"freihand": freihand}
+    converters = {"freihand": freihand, "ho3d": ho3d, "dexycb": dexycb}
     p = argparse.ArgumentParser(prog="python -m handpose.data.convert", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="dataset", required=True)
     for name, module in converters.items():

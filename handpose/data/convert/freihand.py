@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from common.mano import JOINT_NAMES_21, ManoLayer
-from handpose.data.convert import Job, check_joints, run_jobs
+from handpose.data.convert import Job, check_joints, fill_from_nearest_valid, run_jobs, vertex_bbox
 from handpose.data.format import RIGHT, write_sequence
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,7 @@ def mano_arrays(ann: dict[str, np.ndarray], layer: ManoLayer) -> dict[str, np.nd
     with torch.no_grad():
         rest = layer(torch.as_tensor(pose, dtype=torch.float32), torch.as_tensor(shape, dtype=torch.float32))
     trans = xyz_root - rest.joints[:, ROOT_JOINT].double().numpy()
-    verts = rest.vertices.double().numpy() + trans[:, None]
-    uv = verts[..., :2] / verts[..., 2:] * focal[:, None] + princpt[:, None]
-    bbox = np.concatenate([uv.min(1), uv.max(1)], 1).clip(0, IMAGE_SIZE)
+    bbox = vertex_bbox(rest.vertices.double().numpy() + trans[:, None], focal, princpt, (IMAGE_SIZE, IMAGE_SIZE))
     valid = np.isfinite(mano).all(1) & np.isfinite(ann["xyz"]).all((1, 2)) & (scale > 0)
     valid &= (bbox[:, 2] > bbox[:, 0]) & (bbox[:, 3] > bbox[:, 1])
     return {"mano_pose": pose, "mano_shape": shape, "mano_trans": trans, "joints_cam": ann["xyz"],
@@ -103,13 +101,7 @@ def write_block(out: Path, *, src: str, set_name: str, version_index: int, ids: 
     arrays = mano_arrays(ann, layer)
     n = len(ids)
     arrays.update(timestamp=np.arange(n, dtype=np.float64), hand_side=np.full(n, RIGHT, np.int8))
-    if not arrays["valid"].all():  # the format wants usable values everywhere: copy the nearest valid frame's
-        good = np.flatnonzero(arrays["valid"])
-        if not len(good):
-            raise ValueError(f"FreiHAND {set_name} samples {ids[0]}..{ids[-1]}: no usable annotation")
-        nearest = good[np.abs(np.arange(n)[:, None] - good[None]).argmin(1)]
-        for key in ("mano_pose", "mano_shape", "mano_trans", "joints_cam", "focal", "princpt", "bbox"):
-            arrays[key] = arrays[key][nearest]
+    arrays = fill_from_nearest_valid(arrays, f"FreiHAND {set_name} samples {ids[0]}..{ids[-1]}")
     arrays = {k: v.astype(np.float32) if v.dtype == np.float64 and k != "timestamp" else v
               for k, v in arrays.items()}
     rgb = Path(src) / set_name / "rgb"
