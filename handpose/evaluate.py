@@ -406,8 +406,20 @@ def main(argv: list[str] | None = None) -> dict:
                    help="keep every n-th window end (1: every frame, needed for the acceleration error)")
     p.add_argument("--compare-stage1", type=Path, default=None, metavar="CKPT",
                    help="a Stage 1 checkpoint to evaluate on exactly the same frames, side by side")
+    p.add_argument("--format", choices=("freihand", "ho3d"), default=None,
+                   help="instead of metrics: write the benchmark's submission file (pred.json + pred.zip) for every "
+                        "frame of --split (handpose.submission)")
+    p.add_argument("--out", type=Path, default=None, help="with --format: the pred.json to write")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.format:
+        from handpose.submission import submission
+
+        out = args.out or args.ckpt.parent.parent / "eval" / f"{args.format}_{args.split}" / "pred.json"
+        path = submission(args.ckpt, args.format, out, args.split, args.data_root, args.config,
+                          batch_size=args.batch_size or 16, num_workers=args.num_workers or 0)
+        print(f"wrote {path} and {path.with_suffix('.zip')}")
+        return {"submission": str(path)}
     progress = not args.no_progress
     loader_args = {"batch_size": args.batch_size, "num_workers": args.num_workers, "accelerator": args.accelerator,
                    "stride": args.stride}
