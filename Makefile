@@ -12,7 +12,7 @@ TRAIN := $(PY) -m common.train
 
 # (gesture-prereqs is internal)
 .PHONY: gesture-prereqs install lock test test-full lint train-stage1 train-stage2 train-toy eval-hand data-hand data-freihand data-ho3d data-dexycb demo-tracker \
-        data-gesture cache-gesture train-vqvae train-fgd train-mambatalk infer-mambatalk render-gesture bench \
+        data-gesture data-gesture-sam3d cache-gesture train-vqvae train-fgd train-mambatalk infer-mambatalk render-gesture bench \
         bench-hand bench-mamba bench-gesture gpu-check clean
 
 # Installs from the lock (requirements.lock, a pip constraints file of the exact versions the suite passed
@@ -98,6 +98,11 @@ bench-hand: $(STAMP)
 
 # ---- gesture -----------------------------------------------------------------------------------------
 VQ_PARTS := face body hand
+
+# SAM-3D-Body outputs of talking-people videos -> the corpus (gesture.data.sam3d): make data-gesture-sam3d SRC=... OUT=...
+data-gesture-sam3d: $(STAMP)
+	@test -n "$(SRC)" || { echo "make data-gesture-sam3d SRC=<clip folders> [OUT=data/gesture_sam3d]"; exit 2; }
+	$(PY) -m gesture.data.sam3d --src $(SRC) --out $(or $(OUT),data/gesture_sam3d) $(ARGS)
 
 data-gesture: $(STAMP)
 	$(PY) -m gesture.data.synthetic --out data/gesture_synthetic --seed 0 $(ARGS)

@@ -91,11 +91,17 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
 def result_arrays(motion_raw: np.ndarray, constants: ClipConstants, **extra: np.ndarray) -> dict[str, np.ndarray]:
     """Raw motion ``[N, 320]`` + constants -> npz arrays: ``body_pose_params [N, 133]``, ``hand_pose_params
     [N, 108]``, ``expr_params [N, 72]``, ``global_rot [N, 3]``, ``contact [N, 4]``, ``cam_t [3]``,
-    ``focal_length``, ``scale_params [28]``, ``shape_params [45]``, ``width``, ``height``, ``fps`` (+ ``extra``)."""
+    ``focal_length``, ``scale_params [28]``, ``shape_params [45]``, ``width``, ``height``, ``fps`` (+ ``extra``),
+    and under SAM-3D-Body's own names what it gives per frame: ``pred_cam_t [N, 3]`` (the clip's camera, every
+    frame). With ``shape_params`` (MHR's identity) and ``expr_params`` (its face expression) these are MHR's
+    inputs but for the 204 model parameters, which SAM-3D-Body composes with its head's scale and hand bases
+    (``gesture.render`` with the MHR assets)."""
     motion_raw = np.asarray(motion_raw, np.float32)
     if motion_raw.ndim != 2 or motion_raw.shape[1] != POSE_DIM:
         raise ValueError(f"result_arrays: motion must be [N, {POSE_DIM}], got {motion_raw.shape}")
-    return {**unpack(motion_raw), **constants.to_arrays(), **extra}
+    arrays = {**unpack(motion_raw), **constants.to_arrays()}
+    arrays["pred_cam_t"] = np.tile(np.asarray(arrays["cam_t"], np.float32).reshape(1, 3), (len(motion_raw), 1))
+    return {**arrays, **extra}
 
 
 def source_constants(wav: Path, corpus: CorpusConfig | None = None) -> ClipConstants | None:

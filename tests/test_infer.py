@@ -69,6 +69,8 @@ def _check_result(path: Path, n: int) -> dict[str, np.ndarray]:
         assert np.isfinite(d[k]).all(), k
     for k, shape in CONSTANT_SHAPES.items():
         assert d[k].shape == shape, k  # per-clip constants: one value, never per frame (a per-frame cam_t jitters the camera)
+    # SAM-3D-Body's own name beside ours: its per-frame camera, here the clip's, every frame the same
+    assert d["pred_cam_t"].shape == (n, 3) and (d["pred_cam_t"] == d["cam_t"]).all()
     return d
 
 

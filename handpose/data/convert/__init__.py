@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -61,35 +60,6 @@ def vertex_bbox(vertices: np.ndarray, focal: np.ndarray, princpt: np.ndarray, im
     uv = project(vertices, focal[:, None], princpt[:, None])
     w, h = image_size
     return np.concatenate([uv.min(1), uv.max(1)], 1).clip(0, [w, h, w, h])
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles annotation files made of dicts, numbers, strings and numpy arrays (Python 2 era included);
-    anything else is refused: unpickling runs code by design."""
-
-    SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bool", "bytes", "complex",
-                     "object", "slice", "bytearray"}
-
-    def find_class(self, module: str, name: str):
-        if module in ("builtins", "__builtin__") and name in self.SAFE_BUILTINS:
-            return super().find_class(module, name)
-        if module.split(".")[0] in ("numpy", "copy_reg", "copyreg", "_codecs"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: not part of an annotation file")
-
-
-def read_pickle(path: Path) -> dict:
-    """A dataset's annotation pickle as a dict; unreadable, truncated or unexpected files name themselves."""
-    try:
-        with open(path, "rb") as f:
-            data = _ArrayUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file {path} is missing") from None
-    except Exception as err:  # noqa: BLE001 - pickle, EOF and numpy errors of a truncated or foreign file
-        raise ValueError(f"annotation file {path}: unreadable ({type(err).__name__}: {err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"annotation file {path}: expected a dict, got {type(data).__name__}")
-    return data
 
 
 @dataclass

@@ -40,7 +40,8 @@ from scipy.spatial.transform import Rotation
 
 from common.mano import ManoLayer
 from common.mano_topology import NATIVE16_TIPS_TO_21
-from handpose.data.convert import Job, check_joints, fill_from_nearest_valid, read_pickle, run_jobs, vertex_bbox
+from common.data.pickles import read_pickle
+from handpose.data.convert import Job, check_joints, fill_from_nearest_valid, run_jobs, vertex_bbox
 from handpose.data.format import RIGHT, write_sequence
 
 log = logging.getLogger(__name__)
