@@ -32,6 +32,7 @@ from gesture.data.textgrid import Vocabulary, frame_words, read_words
 from gesture.generate import generate, seed_from_mean
 from gesture.layout import POSE_DIM, VQ_PARTS, ClipConstants, unpack
 from gesture.lit.mambatalk import CHECKPOINT_KEY
+from gesture.mhr_params import HeadBases, compose_model_params
 from gesture.models.generator import GestureModel
 from gesture.models.mambatalk import MambaTalk
 from gesture.models.vqvae import VQVAE
@@ -88,19 +89,27 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
                            int(extras["pre_frames"]), None if fgd is None else str(fgd))
 
 
-def result_arrays(motion_raw: np.ndarray, constants: ClipConstants, **extra: np.ndarray) -> dict[str, np.ndarray]:
+def result_arrays(motion_raw: np.ndarray, constants: ClipConstants, mhr_bases: HeadBases | None = None,
+                  **extra: np.ndarray) -> dict[str, np.ndarray]:
     """Raw motion ``[N, 320]`` + constants -> npz arrays: ``body_pose_params [N, 133]``, ``hand_pose_params
     [N, 108]``, ``expr_params [N, 72]``, ``global_rot [N, 3]``, ``contact [N, 4]``, ``cam_t [3]``,
     ``focal_length``, ``scale_params [28]``, ``shape_params [45]``, ``width``, ``height``, ``fps`` (+ ``extra``),
     and under SAM-3D-Body's own names what it gives per frame: ``pred_cam_t [N, 3]`` (the clip's camera, every
     frame). With ``shape_params`` (MHR's identity) and ``expr_params`` (its face expression) these are MHR's
-    inputs but for the 204 model parameters, which SAM-3D-Body composes with its head's scale and hand bases
-    (``gesture.render`` with the MHR assets)."""
+    inputs but for the 204 model parameters, which SAM-3D-Body composes with its head's scale and hand bases: with
+    ``mhr_bases`` (``gesture.mhr_params.HeadBases`` of a SAM-3D-Body checkpoint) ``mhr_model_params [N, 204]`` too,
+    what ``gesture.render`` draws the MHR body from."""
     motion_raw = np.asarray(motion_raw, np.float32)
     if motion_raw.ndim != 2 or motion_raw.shape[1] != POSE_DIM:
         raise ValueError(f"result_arrays: motion must be [N, {POSE_DIM}], got {motion_raw.shape}")
     arrays = {**unpack(motion_raw), **constants.to_arrays()}
     arrays["pred_cam_t"] = np.tile(np.asarray(arrays["cam_t"], np.float32).reshape(1, 3), (len(motion_raw), 1))
+    if mhr_bases is not None:
+        t = {k: torch.from_numpy(np.asarray(arrays[k], np.float64)) for k in
+             ("global_rot", "body_pose_params", "hand_pose_params", "scale_params")}
+        arrays["mhr_model_params"] = compose_model_params(
+            t["global_rot"], t["body_pose_params"], t["hand_pose_params"], t["scale_params"].reshape(1, 28),
+            mhr_bases).numpy().astype(np.float32)
     return {**arrays, **extra}
 
 
@@ -156,7 +165,7 @@ def infer_clip(gen: LoadedGenerator, wav: str | Path, textgrid: str | Path, spea
 
 def infer_split(gen: LoadedGenerator, out_dir: str | Path, split: str = "test", streaming: bool = False,
                 datamodule_overrides: dict[str, Any] | None = None, fgd_encoder: str | None = None,
-                baselines: bool = True) -> dict[str, Any]:
+                baselines: bool = True, mhr_bases: HeadBases | None = None) -> dict[str, Any]:
     """Every clip of ``split`` -> ``<out_dir>/<clip>.npz`` (with ``gt [N, 320]``) and ``metrics.json``."""
     from gesture.data.datamodule import GestureDataModule
     from gesture.metrics import BASELINES, EvalClip, GestureMetrics, evaluate_baselines, format_comparison
@@ -194,7 +203,7 @@ def infer_split(gen: LoadedGenerator, out_dir: str | Path, split: str = "test", 
                                               "height", "fps")})
         wave = batch["wave"][0].numpy() if "wave" in batch else None
         extra = {"gt": gt.astype(np.float32)} | ({"wave": wave, "sr": np.asarray(sr)} if wave is not None else {})
-        np.savez(out_dir / f"{name}.npz", **result_arrays(pred, constants, **extra))
+        np.savez(out_dir / f"{name}.npz", **result_arrays(pred, constants, mhr_bases, **extra))
         metrics.update(pred, gt, wave=wave, sr=sr, fps=fps, boundaries=result.boundaries, names=name)
         clips.append(EvalClip(name=name, motion=gt.astype(np.float64), speaker=int(batch["speaker"][0]),
                               wave=wave, sr=sr, fps=fps))
@@ -222,20 +231,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fgd-encoder", help="FGD motion encoder for the split metrics (default: the training one)")
     p.add_argument("--streaming", action="store_true", help="carry Mamba states across windows")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sam3d-checkpoint", type=Path, default=None,
+                   help="a SAM-3D-Body model.ckpt: also write mhr_model_params (composed with its head's bases)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     gen = load_generator(a.ckpt, a.device)
+    bases = HeadBases.from_checkpoint(a.sam3d_checkpoint) if a.sam3d_checkpoint else None
     if a.split:
         if a.out_dir is None:
             p.error("--split needs --out-dir")
         overrides = {k: v for k, v in (("root", a.data_root), ("cache_dir", a.cache_dir)) if v}
-        infer_split(gen, a.out_dir, a.split, a.streaming, overrides, a.fgd_encoder)
+        infer_split(gen, a.out_dir, a.split, a.streaming, overrides, a.fgd_encoder, mhr_bases=bases)
         return
     if not (a.wav and a.textgrid and a.out):
         p.error("single-clip mode needs --wav, --textgrid and --out (or use --split test --out-dir D)")
     motion, constants = infer_clip(gen, a.wav, a.textgrid, a.speaker, a.streaming)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(a.out, **result_arrays(motion, constants))
+    np.savez(a.out, **result_arrays(motion, constants, bases))
     print(f"{a.out}: {motion.shape[0]} frames at {constants.fps:g} fps, speaker {a.speaker}")
 
 

@@ -175,3 +175,30 @@ def test_package_api_exports_the_documented_entry_points():
     assert handpose.HandTracker is tracker.HandTracker and hasattr(handpose.HandTracker, "from_checkpoint")
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         gesture.nope  # noqa: B018
+
+
+def test_sam3d_checkpoint_adds_the_mhr_model_params_gesture_render_reads(trained, tmp_path):
+    """With a SAM-3D-Body checkpoint's head bases, the npz carries the MHR model parameters composed from its own
+    per-frame parameters (what gesture.render's MHR backend draws)."""
+    from gesture.mhr_params import HeadBases, compose_model_params
+    from gesture.render import load_result
+
+    g = torch.Generator().manual_seed(0)
+    state = {"head_pose.scale_mean": torch.randn(68, generator=g), "head_pose.scale_comps": torch.randn(28, 68, generator=g),
+             "head_pose.hand_pose_mean": torch.randn(54, generator=g), "head_pose.hand_pose_comps": torch.randn(54, 54, generator=g),
+             "head_pose.hand_joint_idxs_left": torch.arange(6, 33), "head_pose.hand_joint_idxs_right": torch.arange(40, 67)}
+    torch.save({"state_dict": state}, tmp_path / "model.ckpt")
+    clip = sorted(p.stem for p in (trained.root / "wave16k").glob("*.wav"))[0]
+    out = tmp_path / "res.npz"
+    main(["--ckpt", str(trained.ckpt), "--wav", str(trained.root / "wave16k" / f"{clip}.wav"), "--textgrid",
+          str(trained.root / "textgrid" / f"{clip}.TextGrid"), "--out", str(out), "--sam3d-checkpoint",
+          str(tmp_path / "model.ckpt")])
+    with np.load(out) as z:
+        d = {k: z[k] for k in z.files}
+    t = {k: torch.from_numpy(d[k].astype(np.float64)) for k in ("global_rot", "body_pose_params", "hand_pose_params")}
+    want = compose_model_params(t["global_rot"], t["body_pose_params"], t["hand_pose_params"],
+                                torch.from_numpy(d["scale_params"].astype(np.float64))[None],
+                                HeadBases.from_checkpoint(tmp_path / "model.ckpt"))
+    assert d["mhr_model_params"].shape == (len(d["global_rot"]), 204)
+    np.testing.assert_allclose(d["mhr_model_params"], want.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(load_result(out).model_params, d["mhr_model_params"])
