@@ -104,6 +104,11 @@ def test_dexycb_conversion_reproduces_the_joints_for_both_hands_and_loads(tmp_pa
     assert first["valid"].tolist() == [True, False, True]  # the frame without a hand (joint_3d all -1)
     ds = HandWindowDataset(out, "train", num_frame=3, img_size=32)
     assert len(ds) > 0 and ds[0]["img"].shape == (3, 3, 32, 32)
+    for i in range(len(ds)):  # through the loader: the dataset's joints, left hands mirrored to right ones
+        seq_id, _, stop = ds.index[i]
+        h = truth[ds.sequences[seq_id].name]
+        mirror = np.array([-1.0, 1.0, 1.0]) if h["side"] == "left" else 1.0
+        np.testing.assert_allclose(ds[i]["joints_cam"][-1], h["joints"][stop - 1] * mirror, atol=1e-4)
 
 
 def test_left_hands_without_the_betas_refit_miss_their_joints(tmp_path, monkeypatch):

@@ -81,3 +81,15 @@ def test_hand_mix_config_instantiates_with_any_sources(roots, tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.datasets["train"]) > 0 and torch.is_tensor(next(iter(dm.train_dataloader()))["img"])
+
+
+@pytest.mark.parametrize("data", ["freihand", "ho3d", "dexycb", "hand_mix"])
+@pytest.mark.parametrize("experiment", ["stage1-dino_large", "stage2-dino_large"])
+def test_paper_recipes_point_at_any_real_dataset_with_one_override(tmp_path, experiment, data):
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", f"data={data}", f"paths.data_dir={tmp_path}"])
+    assert cfg.data.img_size == 224 and cfg.data.num_frame == (1 if experiment.startswith("stage1") else 7)
+    assert cfg.data.mano_model_path is None and cfg.data.generate_if_missing is False  # the MANO files: required
+    roots = [s.root for s in cfg.data.sources.values()] if data == "hand_mix" else [cfg.data.root]
+    assert all(str(r).startswith(str(tmp_path)) for r in roots)
