@@ -10,7 +10,7 @@ def __getattr__(name: str):
 
         return HandTracker
     if name == "load_checkpoint":
-        from handpose.evaluate import load_checkpoint
+        from handpose.runs import load_checkpoint
 
         return load_checkpoint
     raise AttributeError(f"module 'handpose' has no attribute {name!r}")

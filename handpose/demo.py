@@ -94,7 +94,7 @@ def default_sequence(data_root: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from handpose.evaluate import load_checkpoint
+    from handpose.runs import load_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, type=Path)

@@ -11,25 +11,23 @@ import argparse
 import copy
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from common.checkpoint import load_weights
 from common.tables import render_table
 from handpose.data.dataset import annotation_batch
 from handpose.lit import HandPoseLit
 from handpose.metrics import METRIC_NAMES, acceleration_error, joint_metrics, mean_mano_params, metrics_of
+from handpose.runs import build_datamodule, find_run_config, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.yaml"
 SPLITS = ("train", "val", "test")
 # What the mean-pose baseline reads from an evaluation batch (the last frame of each window is enough).
 BASELINE_KEYS = ("valid", "mano_pose", "mano_shape", "mano_trans", "joints_cam")
@@ -46,62 +44,6 @@ METRIC_INFO = {  # name -> (label, unit, lower is better)
     "root_err": ("root error", "mm", True),
     "auc": ("PCK AUC 0-50mm", "", False),
 }
-
-
-def find_run_config(ckpt: Path, config: Path | None = None) -> Path:
-    """The run's config: ``config`` if given, else ``<run>/config.yaml`` for ``<run>/checkpoints/x.ckpt``."""
-    candidates = [config] if config is not None else [ckpt.parent.parent / CONFIG_NAME, ckpt.parent / CONFIG_NAME]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"no run config for {ckpt}: looked for {', '.join(map(str, candidates))}. common.train writes "
-        f"<run>/{CONFIG_NAME} next to <run>/checkpoints/; pass --config for a checkpoint stored elsewhere"
-    )
-
-
-def load_checkpoint(
-    ckpt: str | Path, config: str | Path | None = None
-) -> tuple[HandPoseLit, DictConfig]:
-    """Rebuild the run's HandPoseLit from its config and load every tensor of ``ckpt`` (strict) -> (lit, cfg).
-
-    The backbone's init file and the Stage 1 weights named in the config are not needed (the checkpoint holds
-    all weights) and are not read. Returns the module in eval mode on the CPU.
-    """
-    from hydra.utils import instantiate
-
-    ckpt = Path(ckpt)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
-    cfg_path = find_run_config(ckpt, Path(config) if config else None)
-    cfg = OmegaConf.load(cfg_path)
-    for key in ("model", "data"):
-        if key not in cfg:
-            raise KeyError(f"{cfg_path} has no '{key}' section (is it a common.train run config?)")
-    with open_dict(cfg):
-        cfg.model.net.backbone.weight = None
-        cfg.model.stage1_weight = None
-    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))  # unresolved configs
-    lit = instantiate(cfg.model)
-    if not isinstance(lit, HandPoseLit):
-        raise TypeError(f"{cfg_path}: model is a {type(lit).__name__}, expected handpose.lit.HandPoseLit")
-    load_weights(lit, ckpt, strict=True)  # logs what it loaded
-    log.info("model and data settings from %s", cfg_path)
-    return lit.eval(), cfg
-
-
-def build_datamodule(cfg: DictConfig, lit: HandPoseLit, overrides: Mapping | None = None):
-    """The run's datamodule for evaluation: no augmentation, crops of the network's size, ``overrides`` applied."""
-    from hydra.utils import instantiate
-
-    data_cfg = copy.deepcopy(cfg.data)
-    with open_dict(data_cfg):
-        data_cfg.augment = None
-        data_cfg.img_size = lit.net.img_size
-        for key, value in (overrides or {}).items():
-            if value is not None:
-                data_cfg[key] = value
-    return instantiate(data_cfg)
 
 
 class _LastFrameCollector(L.Callback):

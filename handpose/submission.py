@@ -148,7 +148,7 @@ def write_submission(fmt: str, predictions, order: list[tuple[int, int]], out: s
 def submission(ckpt: str | Path, fmt: str, out: str | Path, split: str = "test", data_root: str | Path | None = None,
                config: str | Path | None = None, batch_size: int = 16, num_workers: int = 0) -> Path:
     """Predict every frame of ``split`` with ``ckpt`` and write ``fmt``'s submission file ``out``."""
-    from handpose.evaluate import build_datamodule, load_checkpoint
+    from handpose.runs import build_datamodule, load_checkpoint
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")

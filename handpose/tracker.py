@@ -157,10 +157,10 @@ class HandTracker:
     def from_checkpoint(cls, path, num_frame: int | None = None, device: str | torch.device = "cpu",
                         config=None, **kwargs) -> HandTracker:
         """A tracker from a training run's checkpoint (``outputs/<experiment>/<run>/checkpoints/*.ckpt``): the
-        network is rebuilt from the run's ``config.yaml`` and loaded strictly (``handpose.evaluate``);
+        network is rebuilt from the run's ``config.yaml`` and loaded strictly (``handpose.runs``);
         ``num_frame`` and the crop scale default to the run's data settings (``data.num_frame``,
         ``data.bbox_scale``)."""
-        from handpose.evaluate import load_checkpoint
+        from handpose.runs import load_checkpoint
 
         lit, cfg = load_checkpoint(path, config)
         lit = lit.to(device)
