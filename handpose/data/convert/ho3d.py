@@ -103,6 +103,9 @@ def write_ho3d_sequence(out: Path, *, src: str, set_name: str, seq: str, frames:
     metas = [read_pickle(folder / "meta" / f"{f}.pkl") for f in frames]
     n = len(frames)
     layer = ManoLayer(mano_model_path, side="right", flat_hand_mean=True)
+    no_camera = [f for f, m in zip(frames, metas) if np.size(m.get("camMat")) != 9]
+    if no_camera:
+        raise ValueError(f"HO3D {set_name}/{seq}: meta of frames {no_camera[:5]} has no 3 x 3 camMat")
     K = np.stack([np.asarray(m["camMat"], np.float64).reshape(3, 3) for m in metas])
     focal, princpt = np.stack([K[:, 0, 0], K[:, 1, 1]], 1), K[:, :2, 2]
     image_paths = [_frame_file(folder, f) for f in frames]
@@ -133,6 +136,9 @@ def write_ho3d_sequence(out: Path, *, src: str, set_name: str, seq: str, frames:
         pose_cv, trans_cv = opengl_to_opencv(pose, trans_gl, root_rest)
         joints_cam = (np.nan_to_num(joints_gl) @ OPENGL_TO_OPENCV.T)[:, HO3D_TO_21]
     else:  # evaluation: no hand pose; a flat hand at the given root joint, in the given box
+        lacking = [f for f, m in zip(frames, metas) if np.size(m.get("handJoints3D")) < 3]
+        if lacking:
+            raise ValueError(f"HO3D {set_name}/{seq}: meta of frames {lacking[:5]} has no handJoints3D root joint")
         roots = np.stack([np.asarray(m["handJoints3D"], np.float64).reshape(-1)[:3] for m in metas]) @ OPENGL_TO_OPENCV.T
         pose_cv, trans_cv = np.zeros_like(pose), roots - root_rest
         joints_cam = rest.joints.double().numpy() + trans_cv[:, None]
