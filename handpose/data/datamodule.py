@@ -109,9 +109,13 @@ class HandDataModule(BaseDataModule):
         return bool(self.splits().get(role))
 
     def build_dataset(self, split: str) -> HandWindowDataset:
+        return self.window_dataset(self.root, split)
+
+    def window_dataset(self, root: Path, split: str) -> HandWindowDataset:
+        """``split`` of the converted set at ``root`` with this module's settings (augmented when training)."""
         train = split == "train"
         return HandWindowDataset(
-            self.root, split, num_frame=self.num_frame, img_size=self.img_size,
+            root, split, num_frame=self.num_frame, img_size=self.img_size,
             stride=self.stride if train else self.eval_stride, bbox_scale=self.bbox_scale,
             augment=self.augment if train else None, flat_hand_mean=self.flat_hand_mean,
             mano_model_path=self.mano_model_path, limit_sequences=self.limit_sequences,

@@ -95,8 +95,7 @@ class HandMixDataModule(HandDataModule):
             if not read_splits(s["root"]).get(split):
                 log.info("hand_mix: %s has no %r split", name, split)
                 continue
-            self.root = s["root"]
-            parts[name] = super().build_dataset(split)
+            parts[name] = self.window_dataset(s["root"], split)
         if not parts:
             raise ValueError(f"hand_mix: no source has a {split!r} split")
         mixed = MixedWindows(parts, {n: s["weight"] for n, s in self.sources.items()})
