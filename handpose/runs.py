@@ -18,6 +18,24 @@ from handpose.lit import HandPoseLit
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"
+# Modules renamed since runs were written: a run's config.yaml names the old paths in its `_target_`s.
+RENAMED_TARGETS = {"handpose.model.": "handpose.models."}
+
+
+def _renamed(tree):
+    """A plain config tree with old module paths in its ``_target_`` values replaced (a new tree)."""
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            if key == "_target_" and isinstance(value, str):
+                old = next((o for o in RENAMED_TARGETS if value.startswith(o)), None)
+                out[key] = RENAMED_TARGETS[old] + value[len(old):] if old else value
+            else:
+                out[key] = _renamed(value)
+        return out
+    if isinstance(tree, list):
+        return [_renamed(v) for v in tree]
+    return tree
 
 
 def find_run_config(ckpt: Path, config: Path | None = None) -> Path:
@@ -53,6 +71,11 @@ def load_checkpoint(
     with open_dict(cfg):
         cfg.model.net.backbone.weight = None
         cfg.model.stage1_weight = None
+        model = OmegaConf.to_container(cfg.model, resolve=False)
+        if _renamed(model) != model:
+            log.info("%s names modules by their old paths (%s): read with the new ones", cfg_path,
+                     ", ".join(f"{o} -> {n}" for o, n in RENAMED_TARGETS.items()))
+            cfg.model = _renamed(model)
     os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))  # unresolved configs
     lit = instantiate(cfg.model)
     if not isinstance(lit, HandPoseLit):

@@ -224,3 +224,20 @@ def test_tracker_from_checkpoint_is_the_runs_network_with_its_settings(runs, dat
         a, b = tracker.update(*args), by_hand.update(*args)
         np.testing.assert_array_equal(a.joints_cam, b.joints_cam)
         assert np.isfinite(a.joints_cam).all() and a.window == min(f + 1, 3)
+
+
+def test_a_run_written_before_the_module_rename_still_loads(runs, tmp_path, caplog):
+    """A run folder whose config.yaml names `handpose.model.*` (the package's old name) loads with the new one."""
+    import logging
+    import shutil
+
+    old = tmp_path / "old_run"
+    shutil.copytree(runs["stage1"].parent.parent, old)
+    config = old / "config.yaml"
+    config.write_text(config.read_text().replace("handpose.models.", "handpose.model."))
+    assert "handpose.model.PoseNet" in config.read_text()
+    with caplog.at_level(logging.INFO, logger="handpose.runs"):
+        lit, cfg = evaluate.load_checkpoint(old / "checkpoints" / "last.ckpt")
+    assert "old paths" in caplog.text and cfg.model.net._target_ == "handpose.models.PoseNet"
+    reference, _ = evaluate.load_checkpoint(runs["stage1"])
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in lit.state_dict().items())

@@ -423,6 +423,24 @@ def test_recency_weighted_window_average_follows_the_timestamps():
         TemporalEncoder(8, heads=2, average_tau=0.0)
 
 
+def test_last_frame_channels_pass_through_and_the_rest_is_refined():
+    """temporal.last_frame_channels=k: the token's last k channels are the last frame's whatever the window; the others
+    still follow it (gate 1: the window mean)."""
+    from handpose.models import TemporalEncoder
+
+    torch.manual_seed(0)
+    enc = TemporalEncoder(8, heads=2, last_frame_channels=3).eval()
+    tokens, ts = torch.randn(2, 5, 8), torch.arange(5.0).expand(2, 5) / 30
+    with torch.no_grad():
+        enc.average_gate.fill_(1.0)
+        torch.nn.init.normal_(enc.out.weight)
+        got = enc(tokens, ts)[:, 0]
+    assert torch.equal(got[:, 5:], tokens[:, -1, 5:])
+    assert not torch.allclose(got[:, :5], tokens[:, -1, :5])
+    with pytest.raises(ValueError, match="last_frame_channels"):
+        TemporalEncoder(8, heads=2, last_frame_channels=9)
+
+
 def test_temporal_block_attention_equals_torch_multihead_attention():
     """TemporalBlock computes its cross-attention directly from nn.MultiheadAttention's weights (cheaper per streamed
     frame): the same values as the module itself, and gradients reach its projections."""

@@ -71,10 +71,15 @@ class TemporalEncoder(nn.Module):
     def __init__(
         self, dim: int, depth: int = 1, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
         num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0, token_noise: float = 0.0,
-        gate_scale: float = 1.0, average_tau: float | None = None,
+        gate_scale: float = 1.0, average_tau: float | None = None, last_frame_channels: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
+        # The token's last ``last_frame_channels`` channels stay the last frame's (e.g. the finger token: the window
+        # refines what is constant or smooth over it, not the articulation of the frame itself).
+        if not 0 <= last_frame_channels <= dim:
+            raise ValueError(f"temporal.last_frame_channels must be in [0, {dim}], got {last_frame_channels}")
+        self.last_frame_channels = last_frame_channels
         # Training only: independent Gaussian noise on every frame's token, ``token_noise`` times the batch's
         # per-channel std. Stage 1 fitted the training frames, so their tokens are cleaner than unseen frames';
         # without noise the encoder learns to trust the last frame and never to average over the window.
@@ -120,4 +125,7 @@ class TemporalEncoder(nn.Module):
             weights = torch.softmax(-age / self.log_tau.exp(), dim=1)  # [b, t, d], over the window
             average = (weights * tokens).sum(dim=1, keepdim=True)
         refined = last + self.gate_scale * self.average_gate * (average - last) + self.out(self.norm(query))
+        if self.last_frame_channels:
+            keep = self.last_frame_channels
+            refined = torch.cat([refined[..., :self.dim - keep], last[..., self.dim - keep:]], dim=-1)
         return expect_shape(refined, (b, 1, self.dim), "refined token")
