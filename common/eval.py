@@ -14,14 +14,14 @@ import json
 import logging
 from pathlib import Path
 
-import hydra  # noqa: E402, I001
-import lightning as L  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from common.train import (  # sets PROJECT_ROOT before hydra reads the configs
-    _scalar_metrics,
+from common.train import (  # common.train also sets PROJECT_ROOT for the configs
     print_metrics_table,
+    scalar_metrics,
 )
 
 log = logging.getLogger("common.eval")
@@ -67,8 +67,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     results = loop(model, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
     metrics: dict[str, float] = {}
     for res in results:
-        metrics.update(_scalar_metrics(res))
-    metrics.update({k: v for k, v in _scalar_metrics(trainer.callback_metrics).items() if k not in metrics})
+        metrics.update(scalar_metrics(res))
+    metrics.update({k: v for k, v in scalar_metrics(trainer.callback_metrics).items() if k not in metrics})
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir) / "eval" / f"{split}-{ckpt.stem}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,8 @@ def print_config_tree(cfg: DictConfig) -> None:
     Console(width=120).print(tree)
 
 
-def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite scalar entries of a metrics dict (tensors of one element included) as floats."""
     out = {}
     for k, v in metrics.items():
         if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -217,7 +218,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        metrics.update(_scalar_metrics(trainer.callback_metrics))
+        metrics.update(scalar_metrics(trainer.callback_metrics))
         has_test = getattr(datamodule, "has_split", lambda split: False)("test")
         if cfg.test_after_fit and has_test and not trainer.fast_dev_run:
             tested = checkpoint_to_test(trainer, str(cfg.test_ckpt))
@@ -225,7 +226,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 print(f"Testing {tested or 'the final weights in memory'}")
             results = trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
             for res in results:
-                metrics.update(_scalar_metrics(res))
+                metrics.update(scalar_metrics(res))
     finally:
         finish_wandb()
     # Everything below runs after the checkpoints are written: it reports, and must never crash the run.
