@@ -68,11 +68,11 @@ class EpochSeededDistributedSampler(DistributedSampler):
         self.loader_generator.manual_seed(worker_base_seed(self.seed, epoch, self.rank))
 
 
-class EpochSeededWeightedSampler(DistributedSampler):
+class EpochSeededWeightedSampler(EpochSeededDistributedSampler):
     """Draws ``num_samples`` indices per epoch with replacement, index ``i`` with probability proportional to
     ``weights[i]`` (e.g. several datasets mixed by weight), as a function of ``(seed, epoch)``; each of
-    ``num_replicas`` ranks takes every ``num_replicas``-th draw. A DistributedSampler, so Lightning keeps it under
-    DDP and calls its ``set_epoch``, which also reseeds the workers' seeds per ``(seed, epoch, rank)``."""
+    ``num_replicas`` ranks takes every ``num_replicas``-th draw. Seeded like ``EpochSeededDistributedSampler`` (whose
+    ``set_epoch`` also reseeds the workers per ``(seed, epoch, rank)``; Lightning keeps it under DDP)."""
 
     def __init__(self, weights: Sequence[float] | torch.Tensor, num_samples: int, seed: int, num_replicas: int = 1,
                  rank: int = 0) -> None:
@@ -80,15 +80,9 @@ class EpochSeededWeightedSampler(DistributedSampler):
         if self.weights.ndim != 1 or not len(self.weights) or (self.weights < 0).any() or self.weights.sum() <= 0:
             raise ValueError("EpochSeededWeightedSampler: weights must be a non-empty 1-d array of values >= 0 with "
                              "a positive sum")
-        super().__init__(range(len(self.weights)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        super().__init__(range(len(self.weights)), seed, num_replicas, rank)
         self.num_samples = -(-num_samples // num_replicas)  # per rank; every rank draws the same count
         self.total_size = self.num_samples * num_replicas
-        self.loader_generator = torch.Generator()
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.loader_generator.manual_seed(worker_base_seed(self.seed, epoch, self.rank))
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)

@@ -28,7 +28,7 @@ import torch
 
 from common.geometry import project
 from common.mano import ManoLayer
-from handpose.data.format import META_FILE, read_sequence, write_splits
+from handpose.data.format import LEFT, META_FILE, RIGHT, read_sequence, write_splits
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,23 @@ class SequenceCheck:
         return self.checked == 0 or self.max_mm <= tolerance_mm
 
 
-def check_joints(folder: Path, mano_model_path: str | Path | None, flat_hand_mean: bool,
-                 side: str = "right") -> SequenceCheck:
-    """Re-run MANO on a written sequence's (pose, shape, trans) and compare with its ``joints_cam``."""
+def check_joints(folder: Path, mano_model_path: str | Path | None) -> SequenceCheck:
+    """Re-run MANO on a written sequence's (pose, shape, trans) and compare with its ``joints_cam``, each frame with
+    the MANO model of its ``hand_side`` and the pose convention the sequence declares (``flat_hand_mean``)."""
     seq = read_sequence(folder)
     valid = np.flatnonzero(seq["valid"])
     if not len(valid):
         return SequenceCheck(seq.name, len(seq), 0, float("nan"), float("nan"))
-    layer = ManoLayer(mano_model_path, side=side, flat_hand_mean=flat_hand_mean)
-    with torch.no_grad():
-        out = layer(torch.as_tensor(seq["mano_pose"][valid]), torch.as_tensor(seq["mano_shape"][valid]),
-                    torch.as_tensor(seq["mano_trans"][valid]))
-    err = 1000 * np.linalg.norm(out.joints.numpy() - seq["joints_cam"][valid], axis=-1).max(axis=-1)  # [n] mm
+    joints = np.empty((len(valid), 21, 3), np.float32)
+    for code, side in ((RIGHT, "right"), (LEFT, "left")):
+        rows = seq["hand_side"][valid] == code
+        if not rows.any():
+            continue
+        layer = ManoLayer(mano_model_path, side=side, flat_hand_mean=seq.flat_hand_mean)
+        with torch.no_grad():
+            joints[rows] = layer(*(torch.as_tensor(seq[k][valid[rows]])
+                                   for k in ("mano_pose", "mano_shape", "mano_trans"))).joints.numpy()
+    err = 1000 * np.linalg.norm(joints - seq["joints_cam"][valid], axis=-1).max(axis=-1)  # [n] mm
     order = np.argsort(-err)[:5]
     return SequenceCheck(seq.name, len(seq), len(valid), float(err.mean()), float(err.max()),
                          [(int(valid[i]), float(err[i])) for i in order])

@@ -149,7 +149,6 @@ def write_dexycb_sequence(out: Path, *, src: str, subject: str, sequence: str, s
         "hand_side": np.full(n, LEFT if side == "left" else RIGHT, np.int8), "valid": valid,
     }
     arrays = fill_from_nearest_valid(arrays, f"DexYCB {subject}/{sequence}/{serial}")
-    arrays = {k: v.astype(np.float32) if v.dtype == np.float64 and k != "timestamp" else v for k, v in arrays.items()}
     frames = [folder / f"color_{f:06d}.jpg" for f in range(n)]
     missing = [str(p) for p in frames if not p.is_file()]
     if missing:
@@ -161,10 +160,6 @@ def write_dexycb_sequence(out: Path, *, src: str, subject: str, sequence: str, s
     return out / name
 
 
-def _check(folder: Path, mano_model_path: str | None, sides: dict[str, str]):
-    return check_joints(folder, mano_model_path, flat_hand_mean=False, side=sides[folder.name])
-
-
 def convert(args: argparse.Namespace) -> dict:
     src, out = Path(args.src), Path(args.out)
     mano_path = None if args.procedural_mano else str(args.mano_model_path)
@@ -173,7 +168,6 @@ def convert(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"DexYCB: none of the subject folders {SUBJECTS[0]} .. {SUBJECTS[-1]} in {src} "
                                 "(is --src the dataset's root, DEX_YCB_DIR?)")
     jobs: list[Job] = []
-    sides: dict[str, str] = {}
     for subject in present:
         s = SUBJECTS.index(subject)
         sequences = sorted(p.name for p in (src / subject).iterdir() if (p / "meta.yml").is_file())
@@ -188,11 +182,10 @@ def convert(args: argparse.Namespace) -> dict:
                 if split is None:
                     continue
                 name = f"dexycb_{subject}_{sequence}_{serial}"
-                sides[name] = str(_yaml(src / subject / sequence / "meta.yml")["mano_sides"][0])
                 run = functools.partial(write_dexycb_sequence, src=str(src), subject=subject, sequence=sequence,
                                         serial=serial, name=name, mano_model_path=mano_path)
                 jobs.append(Job(name, split, run))
 
-    check = functools.partial(_check, mano_model_path=mano_path, sides=sides)
+    check = functools.partial(check_joints, mano_model_path=mano_path)
     return run_jobs(jobs, out, args.workers, check, args.tolerance_mm, progress=not args.no_progress,
                     overwrite=getattr(args, "overwrite", False))

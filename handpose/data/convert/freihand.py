@@ -102,8 +102,6 @@ def write_block(out: Path, *, src: str, set_name: str, version_index: int, ids: 
     n = len(ids)
     arrays.update(timestamp=np.arange(n, dtype=np.float64), hand_side=np.full(n, RIGHT, np.int8))
     arrays = fill_from_nearest_valid(arrays, f"FreiHAND {set_name} samples {ids[0]}..{ids[-1]}")
-    arrays = {k: v.astype(np.float32) if v.dtype == np.float64 and k != "timestamp" else v
-              for k, v in arrays.items()}
     rgb = Path(src) / set_name / "rgb"
     frames = [rgb / f"{i + version_index * num_samples:08d}.jpg" for i in ids]
     missing = [str(p) for p in frames if not p.is_file()]
@@ -148,6 +146,6 @@ def convert(args: argparse.Namespace) -> dict:
                                             ids=list(range(lo, hi)), num_samples=n, ann=rows, name=name,
                                             mano_model_path=mano_path)
                     jobs.append(Job(name, split, run))
-    check = functools.partial(check_joints, mano_model_path=mano_path, flat_hand_mean=False)
+    check = functools.partial(check_joints, mano_model_path=mano_path)
     return run_jobs(jobs, out, args.workers, check, args.tolerance_mm, progress=not args.no_progress,
                     overwrite=getattr(args, "overwrite", False))

@@ -160,7 +160,6 @@ def write_ho3d_sequence(out: Path, *, src: str, set_name: str, seq: str, frames:
         arrays = fill_from_nearest_valid(arrays, f"HO3D {set_name}/{seq}")
     elif not bbox_ok.all():
         raise ValueError(f"HO3D {set_name}/{seq}: frames {np.flatnonzero(~bbox_ok)[:5].tolist()} have an empty box")
-    arrays = {k: v.astype(np.float32) if v.dtype == np.float64 and k != "timestamp" else v for k, v in arrays.items()}
     images = image_paths if all(p.suffix == ".jpg" for p in image_paths) else (
         cv2.imread(str(p), cv2.IMREAD_COLOR) for p in image_paths)
     write_sequence(out / name, images, arrays, fps=FPS, flat_hand_mean=True,
@@ -186,7 +185,7 @@ def convert(args: argparse.Namespace) -> dict:
             run = functools.partial(write_ho3d_sequence, src=str(src), set_name=set_name, seq=seq, frames=ids,
                                     name=name, mano_model_path=mano_path)
             jobs.append(Job(name, "val" if seq in val and set_name == "train" else split, run))
-    check = functools.partial(check_joints, mano_model_path=mano_path, flat_hand_mean=True)
+    check = functools.partial(check_joints, mano_model_path=mano_path)
     report = run_jobs(jobs, out, args.workers, check, args.tolerance_mm, progress=not args.no_progress,
                       overwrite=getattr(args, "overwrite", False))
     if (src / "evaluation.txt").is_file():
