@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ from praatio.utilities.constants import Interval
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import butter, sosfilt
 
+from common.data.staging import staged_folder
 from gesture.data.audio import frame_bounds
 from gesture.data.corpus import CorpusConfig, foot_contact
-from common.data.staging import staged_folder
 from gesture.layout import BODY_DIM, CONTACT_JOINTS, EXPR_DIM, HAND_DIM, HAND_PCA_DIM, JAW_DIM
 
 log = logging.getLogger(__name__)

@@ -187,6 +187,15 @@ def crop_transform(
     return crop @ rot @ flip, R, box, np.array([cx, cy]), scale
 
 
+def rotate_camera(pose: np.ndarray, trans: np.ndarray, root_rest: np.ndarray, R: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """MANO ``pose [..., 48]`` and ``trans [..., 3]`` seen from a camera rotated by ``R`` (new arrays): the global
+    orientation becomes ``R @ R_g`` and ``trans`` becomes ``R @ (J0 + t) - J0``, ``root_rest [..., 3]`` being the
+    rest-pose root joint ``J0`` of the shape (MANO rotates about it); finger poses are local and stay."""
+    global_orient = (Rotation.from_matrix(R) * Rotation.from_rotvec(np.asarray(pose[..., :3], np.float64))).as_rotvec()
+    return np.concatenate([global_orient, pose[..., 3:]], axis=-1), (root_rest + trans) @ R.T - root_rest
+
+
 def to_right_camera(
     pose: np.ndarray, shape: np.ndarray, trans: np.ndarray, joints: np.ndarray, mirror: bool, R: np.ndarray,
     root_joint: RootJoint,
@@ -201,9 +210,8 @@ def to_right_camera(
         trans, joints = trans * MIRROR_POINT, joints * MIRROR_POINT
     if np.allclose(R, np.eye(3)):
         return pose, trans, joints
-    j0 = root_joint(shape[None])[0]
-    global_orient = (Rotation.from_matrix(R) * Rotation.from_rotvec(pose[:3].astype(np.float64))).as_rotvec()
-    return np.concatenate([global_orient, pose[3:]]), R @ (j0 + trans) - j0, joints.astype(np.float64) @ R.T
+    pose, trans = rotate_camera(pose, trans, root_joint(shape[None])[0], R)
+    return pose, trans, joints.astype(np.float64) @ R.T
 
 
 class HandWindowDataset(Dataset):

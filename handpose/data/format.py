@@ -68,8 +68,6 @@ Check a conversion by running ``common.mano.ManoLayer`` on (pose, shape, trans) 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import ConcatDataset, Sampler
 
 from common.data.base import EpochSeededWeightedSampler
-from handpose.data.dataset import HandWindowDataset
 from handpose.data.datamodule import HandDataModule
+from handpose.data.dataset import HandWindowDataset
 from handpose.data.format import SPLITS_FILE, read_splits
 
 log = logging.getLogger(__name__)

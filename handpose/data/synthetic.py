@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace

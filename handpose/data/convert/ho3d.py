@@ -36,12 +36,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from scipy.spatial.transform import Rotation
 
+from common.data.pickles import read_pickle
 from common.mano import ManoLayer
 from common.mano_topology import NATIVE16_TIPS_TO_21
-from common.data.pickles import read_pickle
 from handpose.data.convert import Job, check_joints, fill_from_nearest_valid, run_jobs, vertex_bbox
+from handpose.data.dataset import rotate_camera
 from handpose.data.format import RIGHT, write_sequence
 
 log = logging.getLogger(__name__)
@@ -87,15 +87,6 @@ def _frame_file(folder: Path, frame: str) -> Path:
     raise FileNotFoundError(f"HO3D: no image {folder / 'rgb' / frame}.jpg (or .png)")
 
 
-def opengl_to_opencv(pose: np.ndarray, trans: np.ndarray, root_rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MANO ``pose [n, 48]`` and ``trans [n, 3]`` in OpenGL camera axes -> OpenCV axes (new arrays); ``root_rest
-    [n, 3]`` is the rest-pose root joint ``J0`` of each frame's shape."""
-    R = OPENGL_TO_OPENCV
-    global_orient = (Rotation.from_matrix(R) * Rotation.from_rotvec(pose[:, :3])).as_rotvec()
-    return (np.concatenate([global_orient, pose[:, 3:]], 1),
-            (root_rest + trans) @ R.T - root_rest)
-
-
 def write_ho3d_sequence(out: Path, *, src: str, set_name: str, seq: str, frames: list[str], name: str,
                         mano_model_path: str | None) -> Path:
     """One HO3D sequence folder (``SRC/<set>/<seq>``, ``frames`` in order) in the sequence format."""
@@ -133,7 +124,7 @@ def write_ho3d_sequence(out: Path, *, src: str, set_name: str, seq: str, frames:
         rest = layer(torch.as_tensor(pose, dtype=torch.float32), torch.as_tensor(beta, dtype=torch.float32))
     root_rest = rest.joints[:, 0].double().numpy()  # the wrist is MANO's root joint J0 whatever the pose
     if annotated:
-        pose_cv, trans_cv = opengl_to_opencv(pose, trans_gl, root_rest)
+        pose_cv, trans_cv = rotate_camera(pose, trans_gl, root_rest, OPENGL_TO_OPENCV)
         joints_cam = (np.nan_to_num(joints_gl) @ OPENGL_TO_OPENCV.T)[:, HO3D_TO_21]
     else:  # evaluation: no hand pose; a flat hand at the given root joint, in the given box
         lacking = [f for f, m in zip(frames, metas) if np.size(m.get("handJoints3D")) < 3]
