@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from common.loggers import log_image
 from common.mano import JOINT_NAMES_21
 from handpose.data.dataset import denormalise
-from handpose.loss import HandPoseLoss, hand_scale
+from handpose.loss import HandPoseLoss, camera_space
 from handpose.metrics import HandPoseMetrics, mean_mano_params
 from handpose.models import HandPrediction, HeatmapKeypointHead, PoseNet
 
@@ -164,10 +164,9 @@ class HandPoseLit(L.LightningModule):
         """batch of [b, t, ...] -> the last frame's joints [b, 21, 3] and MANO vertices [b, 778, 3], metres, in the
         batch's camera frame (as the dataset loaded it: left hands mirrored). Needs no annotation."""
         pose, shape, trans = (x[:, 0] for x in self(batch).mano)
-        fk = self.loss.mano(pose, shape)
-        if self.loss.norm_by_hand:
-            trans = trans * hand_scale(fk.joints, self.loss.reference_scale)[..., None]
-        return fk.joints + trans[:, None], fk.vertices + trans[:, None]
+        joints, verts, _ = camera_space(self.loss.mano, pose, shape, trans, self.loss.norm_by_hand,
+                                        self.loss.reference_scale)
+        return joints, verts
 
     def _loss(self, batch: Mapping[str, torch.Tensor]) -> dict:
         inputs = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])

@@ -35,6 +35,16 @@ def hand_scale(joints: torch.Tensor, reference: float) -> torch.Tensor:
     return (joints[..., end, :] - joints[..., start, :]).norm(dim=-1) / reference
 
 
+def camera_space(mano, pose: torch.Tensor, shape: torch.Tensor, trans: torch.Tensor, norm_by_hand: bool = False,
+                 reference_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prediction ``pose [b, 48], shape [b, 10], trans [b, 3]`` -> camera-space joints ``[b, 21, 3]``, vertices
+    ``[b, 778, 3]`` and the metric translation ``[b, 3]`` (``trans`` itself, or scaled by the posed hand's size when
+    the network predicts it in hand units: ``norm_by_hand``)."""
+    fk = mano(pose, shape)
+    metric = trans * hand_scale(fk.joints, reference_scale)[..., None] if norm_by_hand else trans
+    return fk.joints + metric[:, None], fk.vertices + metric[:, None], metric
+
+
 def project(points: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor, min_depth: float = 1e-2) -> torch.Tensor:
     """points [..., n, 3] camera space, focal/princpt [..., 2] -> pixels [..., n, 2] (u = fx x / z + cx)."""
     z = points[..., 2:].clamp(min=min_depth)

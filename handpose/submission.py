@@ -38,23 +38,19 @@ HO3D_ORDER_FILE = "ho3d_evaluation.txt"
 
 
 def predict_every_frame(lit, datamodule, split: str, batch_size: int = 16, num_workers: int = 0,
-                        ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+                        ) -> tuple[dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], list]:
     """``{(sequence index, frame): (joints [21, 3], vertices [778, 3])}`` for every frame of ``split``, metres, in
-    the image's camera frame. A frame is predicted from the window ending at it; near a sequence's start the window
+    the image's camera frame, and the split's sequences (indexed as in the keys). A frame is predicted from the window ending at it; near a sequence's start the window
     is as long as there are frames (1 .. num_frame - 1)."""
     num_frame = int(datamodule.num_frame)
-    base = _all_frames(datamodule, split)
     out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    lit.eval()
     for t in range(1, num_frame + 1):
         # windows of t frames end at frame t - 1 (t < num_frame) or at every frame from num_frame - 1 on
-        ends = [(np.arange(len(s)) == t - 1) if t < num_frame else (np.arange(len(s)) >= t - 1)
-                for s in base.sequences]
-        if not any(e.any() for e in ends):
-            continue
-        ds = _dataset(datamodule, split, t, ends)
+        ds = _dataset(datamodule, split, t, lambda s, t=t: (np.arange(len(s)) == t - 1) if t < num_frame
+                      else (np.arange(len(s)) >= t - 1))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             collate_fn=CheckedCollate(sample_spec(t, ds.img_size)))
-        lit.eval()
         for batch in loader:
             joints, verts = lit.predict_camera({k: v.to(lit.device) if torch.is_tensor(v) else v
                                                 for k, v in batch.items()})
@@ -63,25 +59,16 @@ def predict_every_frame(lit, datamodule, split: str, batch_size: int = 16, num_w
             joints, verts = joints.cpu().double().numpy() * mirror, verts.cpu().double().numpy() * mirror
             for i, (s, f) in enumerate(zip(batch["seq_index"][:, -1].tolist(), batch["frame_index"][:, -1].tolist())):
                 out[(s, f)] = (joints[i], verts[i])
-    missing = [(s, f) for s, seq in enumerate(base.sequences) for f in range(len(seq)) if (s, f) not in out]
+    missing = [(s, f) for s, seq in enumerate(ds.sequences) for f in range(len(seq)) if (s, f) not in out]
     if missing:
         raise RuntimeError(f"{len(missing)} frames of {split!r} got no prediction, e.g. (sequence, frame) {missing[:3]}")
-    return out
+    return out, ds.sequences
 
 
 def _dataset(datamodule, split: str, num_frame: int, ends) -> HandWindowDataset:
     return HandWindowDataset(datamodule.root, split, num_frame=num_frame, img_size=datamodule.img_size, stride=1,
                              bbox_scale=datamodule.bbox_scale, augment=None, flat_hand_mean=datamodule.flat_hand_mean,
                              mano_model_path=datamodule.mano_model_path, window_ends=ends)
-
-
-def _all_frames(datamodule, split: str) -> HandWindowDataset:
-    """``split`` with a one-frame window at every frame (its sequences, whatever their annotations)."""
-    from handpose.data.format import read_sequence, read_splits
-
-    names = read_splits(datamodule.root).get(split) or []
-    ends = [np.ones(len(read_sequence(Path(datamodule.root) / n)), bool) for n in names]
-    return _dataset(datamodule, split, 1, ends)
 
 
 def freihand_order(sequences) -> list[tuple[int, int]]:
@@ -154,7 +141,6 @@ def submission(ckpt: str | Path, fmt: str, out: str | Path, split: str = "test",
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     lit, cfg = load_checkpoint(ckpt, config)
     datamodule = build_datamodule(cfg, lit, {"root": str(data_root) if data_root else None})
-    predictions = predict_every_frame(lit, datamodule, split, batch_size, num_workers)
-    sequences = _all_frames(datamodule, split).sequences
+    predictions, sequences = predict_every_frame(lit, datamodule, split, batch_size, num_workers)
     order = freihand_order(sequences) if fmt == "freihand" else ho3d_order(sequences, datamodule.root)
     return write_submission(fmt, predictions, order, out)

@@ -19,7 +19,7 @@ import torch
 from common.mano import MIRROR_AXIS_ANGLE_SIGNS, ManoLayer
 from common.shapes import expect_shape
 from handpose.data.dataset import _BLOB_PARAMS, _Jitter, crop_transform
-from handpose.loss import hand_scale
+from handpose.loss import camera_space, hand_scale
 from handpose.models import HandPrediction, PoseNet
 
 log = logging.getLogger(__name__)
@@ -227,13 +227,9 @@ class HandTracker:
     def _result(self, pred: HandPrediction, side: str, timestamp: float, focal: np.ndarray,
                 princpt: np.ndarray) -> TrackResult:
         pose, shape, trans = (x[:, 0] for x in pred.mano)  # [1, ...]: the newest frame
-        fk = self.mano(pose, shape)
-        if self.norm_by_hand:
-            trans_metric = trans * hand_scale(fk.joints, self.reference_scale)[..., None]
-        else:
-            trans_metric = trans
-        joints = (fk.joints + trans_metric[:, None])[0].cpu().numpy()
-        verts = (fk.vertices + trans_metric[:, None])[0].cpu().numpy()
+        joints, verts, trans_metric = camera_space(self.mano, pose, shape, trans, self.norm_by_hand,
+                                                   self.reference_scale)
+        joints, verts = joints[0].cpu().numpy(), verts[0].cpu().numpy()
         pose_np, shape_np, trans_np = (x[0].cpu().numpy() for x in (pose, shape, trans_metric))
         if side == "left":  # the network saw the mirrored image: mirror its right hand back
             pose_np, trans_np = pose_np * MIRROR_POSE, trans_np * MIRROR_POINT

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,8 +221,8 @@ class HandWindowDataset(Dataset):
     A window with an unreadable frame (found only when loading) is skipped: the nearest loadable window is
     returned instead, the skip is logged and counted in :attr:`num_skipped` (shared across workers).
     ``timestamp`` is in seconds relative to the window's first frame. ``mano_pose`` follows
-    ``flat_hand_mean`` (converted from each sequence's convention). ``window_ends``: per sequence, a bool mask of the
-    frames windows end at (default: the valid frames; e.g. every frame, to predict a benchmark's test split);
+    ``flat_hand_mean`` (converted from each sequence's convention). ``window_ends``: ``sequence -> bool mask [N]`` of
+    the frames windows end at (default: the valid frames; e.g. every frame, to predict a benchmark's test split);
     sequences shorter than the window are then skipped instead of refused.
     """
 
@@ -240,7 +240,7 @@ class HandWindowDataset(Dataset):
         flat_hand_mean: bool = False,
         mano_model_path: str | Path | None = None,
         limit_sequences: int | None = None,
-        window_ends: Sequence[np.ndarray] | None = None,
+        window_ends: Callable[[HandSequence], np.ndarray] | None = None,
     ) -> None:
         self.root = Path(root)
         splits = read_splits(self.root)
@@ -265,9 +265,7 @@ class HandWindowDataset(Dataset):
                 f"independent frames (e.g. FreiHAND samples grouped in one folder); windows of {num_frame} frames "
                 "over them would be no temporal context at all: use num_frame=1 (Stage 1)")
         self.root_joint = RootJoint(mano_model_path if "official" in models else None)
-        ends = [s["valid"] for s in self.sequences] if window_ends is None else list(window_ends)
-        if len(ends) != len(self.sequences):
-            raise ValueError(f"window_ends: {len(ends)} masks for the {len(self.sequences)} sequences of {split!r}")
+        ends = [s["valid"] if window_ends is None else window_ends(s) for s in self.sequences]
         self.index = WindowIndex(
             [len(s) for s in self.sequences], num_frame, stride, valid=ends,
             names=[f"sequence {s.folder}" for s in self.sequences], short="error" if window_ends is None else "skip",
