@@ -60,7 +60,13 @@ class Track:
 
     @property
     def area(self) -> float:
-        return float(sum(max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0) for b in self.boxes))
+        return float(sum(box_area(b) for b in self.boxes))
+
+
+def box_area(box) -> float:
+    """Area of a box (x0, y0, x1, y1); 0 for an empty one."""
+    b = np.asarray(box, np.float64).reshape(4)
+    return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,7 +74,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    union = box_area(a) + box_area(b) - inter
     return inter / union if union > 0 else 0.0
 
 
@@ -77,11 +83,11 @@ def track_people(per_frame: dict[int, list[dict]], min_iou: float = 0.3, max_gap
     tracks: list[Track] = []
     for f in sorted(per_frame):
         taken: set[int] = set()
-        for person in sorted(per_frame[f], key=lambda p: -_area(p)):  # larger people claim tracks first
+        for person in sorted(per_frame[f], key=lambda p: -box_area(p["bbox"])):  # larger people claim tracks first
             box = np.asarray(person["bbox"], np.float64).reshape(4)
             best, best_iou = None, min_iou
             for t, track in enumerate(tracks):
-                if t in taken or f - track.frames[-1] > max_gap or track.frames[-1] == f:
+                if t in taken or f - track.frames[-1] > max_gap:  # taken: already extended in this frame
                     continue
                 overlap = iou(track.boxes[-1], box)
                 if overlap >= best_iou:
@@ -95,11 +101,6 @@ def track_people(per_frame: dict[int, list[dict]], min_iou: float = 0.3, max_gap
                 tracks[best].people.append(person)
             taken.add(best)
     return tracks
-
-
-def _area(person: dict) -> float:
-    b = np.asarray(person["bbox"], np.float64).reshape(4)
-    return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
 
 
 def clip_arrays(folder: Path, num_frames: int, min_iou: float, max_gap: int) -> tuple[dict[str, np.ndarray], dict]:
