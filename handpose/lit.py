@@ -105,6 +105,12 @@ class HandPoseLit(L.LightningModule):
             2D -> 3D lifting needs far more samples than the image path can afford on a CPU, and costs no
             convolution. 0 = off. With ``decoder.joint_depth`` the ground-truth relative depths
             (``HeatmapKeypointHead.relative_depths``) plus noise of ``lift_depth_noise`` go in beside them.
+        frame_tokens: Stage 2 with a frozen per-frame encoder (``net.freeze_encoder``) and ``stage1_weight``: when
+            fitting starts, the encoder runs once over every frame of the training split
+            (:mod:`handpose.frame_tokens`) and training windows carry those tokens instead of images, so a step
+            costs the temporal encoder, the heads and the loss, not 7 backbone passes. Needs an un-augmented
+            training split (``data.augment=null``): the tokens are of the crops the samples describe. Validation
+            and everything after training run the whole network on images.
     """
 
     def __init__(
@@ -123,6 +129,7 @@ class HandPoseLit(L.LightningModule):
         lift_depth_noise: float = 0.1,
         joint_hint_prob: float = 0.0,
         joint_hint_noise: float = 0.05,
+        frame_tokens: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
@@ -143,6 +150,8 @@ class HandPoseLit(L.LightningModule):
             self.net.load_stage1(self.hparams.stage1_weight)
         elif self.hparams.mean_init_batches:
             self._init_from_data_mean(self.hparams.mean_init_batches)
+        if self.hparams.frame_tokens:
+            self._use_frame_tokens()
 
     def _init_from_data_mean(self, num_batches: int) -> None:
         datamodule = self.trainer.datamodule
@@ -152,6 +161,25 @@ class HandPoseLit(L.LightningModule):
         mean = mean_mano_params(datamodule.train_dataloader(), max_batches=num_batches)
         self.net.decoder.set_mean_init(mean.pose, mean.shape)
         log.info("decoder residual origin set to the mean MANO pose and shape of %d training batches", num_batches)
+
+    def _use_frame_tokens(self) -> None:
+        """``frame_tokens``: compute the training split's frame tokens and make its windows carry them."""
+        from handpose.frame_tokens import compute_frame_tokens
+
+        if not (self.net.encoder_frozen and self.net.temporal is not None):
+            raise ValueError("model.frame_tokens needs a Stage 2 network with a frozen token encoder "
+                             "(model.net.stage=stage2, model.net.freeze_encoder=true)")
+        if not self.hparams.stage1_weight:
+            raise ValueError("model.frame_tokens needs model.stage1_weight: the frozen encoder's weights must be "
+                             "loaded before its tokens are computed")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
+        if not hasattr(dataset, "use_frame_tokens"):
+            raise ValueError("model.frame_tokens needs a hand datamodule (HandDataModule) with a training split")
+        device = self.trainer.strategy.root_device
+        self.net.to(device)
+        tokens = compute_frame_tokens(self.net, dataset, batch_size=64, num_workers=datamodule.num_workers)
+        dataset.use_frame_tokens(tokens)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> HandPrediction:
         """batch of [b, t, ...] -> HandPrediction of the last frame, [b, 1, ...]."""
@@ -169,6 +197,9 @@ class HandPoseLit(L.LightningModule):
         return joints, verts
 
     def _loss(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        if "tokens" in batch:  # precomputed frame tokens (frame_tokens): the frozen encoder has run already
+            pred = self.net.refine_and_decode(batch["tokens"], batch["timestamp"], batch["focal"], batch["princpt"])
+            return self.loss(pred, batch, self.net.translation)
         inputs = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
         if self.net.keypoint_head is None:
             return self.loss(self(batch), batch, self.net.translation)
@@ -193,7 +224,7 @@ class HandPoseLit(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch)
-        b = batch["img"].shape[0]
+        b = batch["timestamp"].shape[0]
         loss = out["loss"]
         lift = self._lift_terms()
         if lift:

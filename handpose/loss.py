@@ -223,7 +223,8 @@ class HandPoseLoss(nn.Module):
         verts_cam_pred = fk_pred.vertices + trans_pred_scaled[..., None, :]
         joints_2d_pred = project(joints_cam_pred, last["focal"], last["princpt"])
         assert_same_shape(joints_2d_pred, last["joints_2d"], "joints_2d_pred", "joints_2d[:, -1:]")
-        height, width = batch["img"].shape[-2:]
+        # the crop's size: the images', or the bins' for samples with precomputed frame tokens
+        height, width = batch["img"].shape[-2:] if "img" in batch else (translation.img_size,) * 2
         crop_size = torch.tensor([width, height], dtype=joints_2d_pred.dtype, device=joints_2d_pred.device)
         error_2d = (joints_2d_pred - last["joints_2d"]) / crop_size
         terms["joints_2d"] = masked_mean(error_2d.abs().mean(dim=(-2, -1)), weight)

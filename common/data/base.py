@@ -106,7 +106,8 @@ class BaseDataModule(L.LightningDataModule):
     would be bound as a method, so set it on the instance). ``batch_size`` is per rank unless
     ``batch_size_is_global``; then it is divided by the world size. ``seed`` (default: the seed given to
     ``seed_everything``) fixes the training order per epoch; ``test_split`` names the split used by
-    ``trainer.test`` / ``trainer.predict`` (no test data when ``None``).
+    ``trainer.test`` / ``trainer.predict`` (no test data when ``None``), ``train_split`` the one ``trainer.fit``
+    trains on.
     """
 
     collate_fn: Callable[[list[Any]], Any] | None = None
@@ -121,6 +122,7 @@ class BaseDataModule(L.LightningDataModule):
         drop_last_train: bool = True,
         seed: int | None = None,
         test_split: str | None = None,
+        train_split: str = "train",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -135,10 +137,11 @@ class BaseDataModule(L.LightningDataModule):
         self.drop_last_train = drop_last_train
         self.seed = seed
         self.test_split = test_split
+        self.train_split = train_split
         self.datasets: dict[str, Dataset] = {}
 
     def build_dataset(self, split: str) -> Dataset:
-        """Return the Dataset for ``split`` ("train", "val", or the configured ``test_split``)."""
+        """Return the Dataset for ``split`` (the configured ``train_split``, "val", or ``test_split``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement build_dataset(split)")
 
     def has_split(self, role: str) -> bool:
@@ -150,7 +153,7 @@ class BaseDataModule(L.LightningDataModule):
         for role in roles:
             if role in self.datasets or not self.has_split(role):
                 continue
-            split = self.test_split if role == "test" else role
+            split = {"test": self.test_split, "train": self.train_split}.get(role, role)
             self.datasets[role] = self.build_dataset(split)
             size = len(self.datasets[role]) if isinstance(self.datasets[role], Sized) else "?"
             log.info("%s: %s split %r has %s samples", type(self).__name__, role, split, size)
@@ -205,8 +208,10 @@ class BaseDataModule(L.LightningDataModule):
     def _dataset(self, role: str) -> Dataset:
         if role not in self.datasets:
             if not self.has_split(role):
+                split = {"test": self.test_split, "train": self.train_split}.get(role, role)
                 raise RuntimeError(
-                    f"{type(self).__name__} has no {role!r} split (see has_split / test_split)"
+                    f"{type(self).__name__} has no {role!r} split (looked for {split!r}; see has_split, train_split, "
+                    "test_split)"
                 )
             raise RuntimeError(f"{type(self).__name__}: {role!r} dataset requested before setup() built it")
         return self.datasets[role]
@@ -229,5 +234,9 @@ class BaseDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0 and not training,
             pin_memory=self.pin_memory,
             drop_last=drop_last,
-            collate_fn=self.collate_fn,
+            collate_fn=self.collate_for(dataset),
         )
+
+    def collate_for(self, dataset: Dataset) -> Callable[[list[Any]], Any] | None:
+        """The collate function of ``dataset``'s loader (default: ``collate_fn``)."""
+        return self.collate_fn

@@ -59,9 +59,10 @@ class HandDataModule(BaseDataModule):
         batch_size_is_global: bool = False,
         drop_last_train: bool = True,
         seed: int | None = None,
+        train_split: str = "train",
     ) -> None:
         super().__init__(batch_size, num_workers, persistent_workers, pin_memory, batch_size_is_global,
-                         drop_last_train, seed, test_split="test")
+                         drop_last_train, seed, test_split="test", train_split=train_split)
         self.root = Path(root)
         self.num_frame, self.img_size, self.stride, self.eval_stride = num_frame, img_size, stride, eval_stride
         self.bbox_scale = bbox_scale
@@ -85,7 +86,7 @@ class HandDataModule(BaseDataModule):
 
         if (self.root / SPLITS_FILE).exists():
             made_with = self.root / CONFIG_FILE
-            wanted = asdict(self._synthetic_config())
+            wanted = json.loads(json.dumps(asdict(self._synthetic_config())))  # as written: tuples are lists
             have = json.loads(made_with.read_text()) if made_with.exists() else wanted
             differ = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
             if differ:
@@ -106,20 +107,25 @@ class HandDataModule(BaseDataModule):
         )
 
     def has_split(self, role: str) -> bool:
-        return bool(self.splits().get(role))
+        return bool(self.splits().get(self.train_split if role == "train" else role))
 
     def build_dataset(self, split: str) -> HandWindowDataset:
         return self.window_dataset(self.root, split)
 
     def window_dataset(self, root: Path, split: str) -> HandWindowDataset:
         """``split`` of the converted set at ``root`` with this module's settings (augmented when training)."""
-        train = split == "train"
+        train = split == self.train_split
         return HandWindowDataset(
             root, split, num_frame=self.num_frame, img_size=self.img_size,
             stride=self.stride if train else self.eval_stride, bbox_scale=self.bbox_scale,
             augment=self.augment if train else None, flat_hand_mean=self.flat_hand_mean,
             mano_model_path=self.mano_model_path, limit_sequences=self.limit_sequences,
         )
+
+    def collate_for(self, dataset) -> CheckedCollate:
+        token_dim = getattr(dataset, "token_dim", None)  # samples with precomputed frame tokens instead of images
+        return self.collate_fn if token_dim is None else CheckedCollate(sample_spec(self.num_frame, self.img_size,
+                                                                                    token_dim))
 
     def skipped_windows(self) -> dict[str, int]:
         """Windows skipped for unreadable frames so far, per built split."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +47,11 @@ _BLOB_PARAMS = cv2.dnn.Image2BlobParams(
 )
 
 
-def sample_spec(num_frame: int, img_size: int) -> dict[str, tuple[int, ...]]:
+def sample_spec(num_frame: int, img_size: int, token_dim: int | None = None) -> dict[str, tuple[int, ...]]:
     """Per-sample shapes of every key (the batch adds a leading ``b``); the model codes against these.
+
+    ``token_dim``: samples of a dataset with precomputed frame tokens (:meth:`HandWindowDataset.use_frame_tokens`)
+    carry ``tokens [t, token_dim]`` (float32) instead of ``img``.
 
     All float32 except ``valid`` (bool), ``hand_side`` (int64, the original side: 0 right,
     1 left), and ``seq_index`` / ``frame_index`` (int64: the sequence's position in the split and the frame's
@@ -56,7 +59,7 @@ def sample_spec(num_frame: int, img_size: int) -> dict[str, tuple[int, ...]]:
     """
     t = num_frame
     return {
-        "img": (t, 3, img_size, img_size),
+        **({"img": (t, 3, img_size, img_size)} if token_dim is None else {"tokens": (t, token_dim)}),
         "bbox": (t, 4),
         "focal": (t, 2),
         "princpt": (t, 2),
@@ -251,7 +254,7 @@ class HandWindowDataset(Dataset):
             raise SequenceFormatError(f"{self.root}/splits.json: split {split!r} is empty")
         self.split, self.num_frame, self.img_size, self.bbox_scale = split, num_frame, img_size, bbox_scale
         self.augment = Augment(**augment) if isinstance(augment, Mapping) else augment
-        self.flat_hand_mean = flat_hand_mean
+        self.flat_hand_mean, self.mano_model_path = flat_hand_mean, mano_model_path
         self.sequences: list[HandSequence] = [read_sequence(self.root / name) for name in names]
         models = {s.mano_model for s in self.sequences}
         if "official" in models and mano_model_path is None:
@@ -274,6 +277,28 @@ class HandWindowDataset(Dataset):
             raise SequenceFormatError(f"{self.root} split {split!r}: no window ends at a valid frame")
         self.skips = SkippedWindows(len(self.index))
         self.bad_frames: set[Path] = set()  # known unreadable frames (per process)
+        self.frame_tokens: list[np.ndarray] | None = None  # use_frame_tokens: per sequence [n_frames, d]
+
+    @property
+    def token_dim(self) -> int | None:
+        """Width of the precomputed frame tokens the samples carry instead of images, or None (images)."""
+        return None if self.frame_tokens is None else int(self.frame_tokens[0].shape[1])
+
+    def use_frame_tokens(self, tokens: Sequence[np.ndarray]) -> None:
+        """From now on samples carry ``tokens [t, d]`` (one row per frame of each sequence, in split order: what
+        a frozen per-frame encoder makes of the un-augmented crops) instead of ``img``; no image is read. Only
+        without augmentation: the tokens were made from the crops the sample's intrinsics describe."""
+        if self.augment is not None:
+            raise ValueError(f"{self.root} split {self.split!r}: precomputed frame tokens need an un-augmented "
+                             "dataset (the crops they were made from); set data.augment=null")
+        if len(tokens) != len(self.sequences):
+            raise ValueError(f"{self.root} split {self.split!r}: {len(tokens)} token arrays for "
+                             f"{len(self.sequences)} sequences")
+        for seq, array in zip(self.sequences, tokens):
+            if array.ndim != 2 or array.shape[0] != len(seq) or array.shape[1] != tokens[0].shape[1]:
+                raise ValueError(f"sequence {seq.folder}: frame tokens of shape {tuple(array.shape)}, expected "
+                                 f"[{len(seq)}, {tokens[0].shape[1]}]")
+        self.frame_tokens = [np.ascontiguousarray(a, dtype=np.float32) for a in tokens]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -313,6 +338,8 @@ class HandWindowDataset(Dataset):
         seq_id, start, stop = self.index[j]
         seq = self.sequences[seq_id]
         jitter = self._sample_jitter()
+        if self.frame_tokens is not None:
+            return self._load_tokens(seq_id, start, stop, jitter)
         frames = []
         for f in range(start, stop):
             path = seq.frame_path(f)
@@ -329,6 +356,19 @@ class HandWindowDataset(Dataset):
             for key, value in self._frame(seq, f, img, jitter).items():
                 out[key].append(value)
         sample = {k: np.stack(v) for k, v in out.items() if k not in ("seq_index", "frame_index")}
+        sample["timestamp"] = seq["timestamp"][start:stop] - seq["timestamp"][start]
+        sample["seq_index"] = np.full(stop - start, seq_id, np.int64)
+        sample["frame_index"] = np.arange(start, stop, dtype=np.int64)
+        return _to_float32(sample)
+
+    def _load_tokens(self, seq_id: int, start: int, stop: int, jitter: _Jitter) -> dict[str, np.ndarray] | None:
+        """A window's sample with the precomputed tokens in place of the images (None: a frame had no token)."""
+        seq, tokens = self.sequences[seq_id], self.frame_tokens[seq_id][start:stop]
+        if not np.isfinite(tokens).all():  # a frame the token pass could not read
+            return None
+        rows = [self._geometry(seq, f, jitter)[0] for f in range(start, stop)]
+        sample = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        sample["tokens"] = tokens.copy()
         sample["timestamp"] = seq["timestamp"][start:stop] - seq["timestamp"][start]
         sample["seq_index"] = np.full(stop - start, seq_id, np.int64)
         sample["frame_index"] = np.arange(start, stop, dtype=np.int64)

@@ -60,6 +60,11 @@ class SyntheticConfig:
     train_seqs: int | None = None
     train_min_frames: int | None = None  # None: min_frames
     train_max_frames: int | None = None  # None: max_frames
+    # With a training split of its own: also write the base set's first n - 2 k sequences (20-40 frames) as the
+    # split "heldout", which the per-frame network never trains on. Stage 2 trains there: on Stage 1's own
+    # training frames its tokens are near-perfect, so a temporal model trained on them learns to trust the last
+    # frame.
+    heldout: bool = False
     image_size: int = 256
     min_frames: int = 20
     max_frames: int = 40
@@ -67,6 +72,11 @@ class SyntheticConfig:
     drop_prob: float = 0.1  # per frame, plus occasional bursts
     left_prob: float = 0.5  # fraction of left-hand sequences
     occlusion_prob: float = 0.5  # per sequence: an occluder crosses the hand for a few frames
+    # The occluder: radius uniform in occluder_size (x the hand box's longest side), its centre offset from the
+    # box centre by up to occluder_offset and drifting by up to occluder_drift per frame (box sides).
+    occluder_size: tuple[float, float] = (0.3, 0.55)
+    occluder_offset: float = 0.2
+    occluder_drift: float = 0.02
     invalid_prob: float = 0.03  # per frame: annotation marked unreliable (besides hands mostly out of view)
     # Global orientation: any roll in the image plane, out-of-plane tilt ~ N(0, view_tilt_deg) away from the
     # palm facing the camera (fingers up), then a smooth random walk of orientation_step_deg per keyframe.
@@ -80,8 +90,12 @@ class SyntheticConfig:
         """Sequence indices per split (sequence ``i`` is ``seq_{i:04d}``, made from the random stream (seed, i))."""
         n = self.num_seqs
         k = max(1, round(n / 7)) if n >= 3 else 0
-        train = list(range(n - 2 * k)) if self.train_seqs is None else list(range(n, n + self.train_seqs))
-        return {"train": train, "val": list(range(n - 2 * k, n - k)), "test": list(range(n - k, n))}
+        base = list(range(n - 2 * k))
+        train = base if self.train_seqs is None else list(range(n, n + self.train_seqs))
+        splits = {"train": train, "val": list(range(n - 2 * k, n - k)), "test": list(range(n - k, n))}
+        if self.heldout and self.train_seqs is not None:
+            splits["heldout"] = base
+        return splits
 
     def split_names(self) -> dict[str, list[str]]:
         return {split: [f"seq_{i:04d}" for i in indices] for split, indices in self.split_indices().items()}
@@ -89,6 +103,9 @@ class SyntheticConfig:
     def indices(self) -> list[int]:
         """Every sequence the set holds."""
         return sorted(i for indices in self.split_indices().values() for i in indices)
+
+    def __post_init__(self) -> None:  # a list from a config file or JSON: the same setting
+        object.__setattr__(self, "occluder_size", tuple(float(v) for v in self.occluder_size))
 
     def frame_range(self, index: int) -> tuple[int, int]:
         """(min, max) frames of sequence ``index``."""
@@ -254,15 +271,16 @@ def make_sequence(out_dir: Path, index: int, cfg: SyntheticConfig) -> Path:
     if rng.random() < cfg.occlusion_prob:
         first, length = int(rng.integers(0, n)), int(rng.integers(4, 13))
         occluded[first: first + length] = True
-    occluder_seed, occluder_offset = int(rng.integers(2**31)), rng.uniform(-0.3, 0.3, 2)
-    occluder_drift, occluder_size = rng.uniform(-0.04, 0.04, 2), rng.uniform(0.3, 0.5)
+    first = int(np.argmax(occluded))  # the occlusion's first frame (0 when none)
+    occluder_seed, occluder_offset = int(rng.integers(2**31)), rng.uniform(-1, 1, 2) * cfg.occluder_offset
+    occluder_drift, occluder_size = rng.uniform(-1, 1, 2) * cfg.occluder_drift, rng.uniform(*cfg.occluder_size)
 
     def frames():
         for i in range(n):
             img, _ = render_mesh(background, verts[i], faces, focal, princpt, albedo, light, ambient)
             if occluded[i]:
                 box_size = float(np.max(hi[i] - lo[i]))
-                centre = (lo[i] + hi[i]) / 2 + (occluder_offset + occluder_drift * i) * box_size
+                centre = (lo[i] + hi[i]) / 2 + (occluder_offset + occluder_drift * (i - first)) * box_size
                 img = draw_occluder(img, np.random.default_rng(occluder_seed), centre, occluder_size * box_size)
             yield img
 

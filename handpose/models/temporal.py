@@ -72,6 +72,7 @@ class TemporalEncoder(nn.Module):
         self, dim: int, depth: int = 1, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
         num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0, token_noise: float = 0.0,
         gate_scale: float = 1.0, average_tau: float | None = None, last_frame_channels: int = 0,
+        reliability: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -103,6 +104,15 @@ class TemporalEncoder(nn.Module):
             if average_tau <= 0:
                 raise ValueError(f"temporal.average_tau must be > 0 seconds, got {average_tau}")
             self.log_tau = nn.Parameter(torch.full((dim,), math.log(average_tau)))
+        # reliability (hidden width, 0 = off): an MLP scores each frame from its own token, and the score is added
+        # to the window average's log-weights, so that a frame whose token looks unreliable (an occluded hand)
+        # counts less, the last frame included. Zero-initialised output: the average starts as the time-only one.
+        self.reliability = None
+        if reliability:
+            self.reliability = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, reliability), nn.GELU(),
+                                             nn.Linear(reliability, 1))
+            nn.init.zeros_(self.reliability[-1].weight)
+            nn.init.zeros_(self.reliability[-1].bias)
 
     def forward(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> torch.Tensor:
         """tokens [b, t, d], timestamp [b, t] (seconds) -> [b, 1, d] (the last frame, refined)."""
@@ -118,12 +128,14 @@ class TemporalEncoder(nn.Module):
         query = last + time[:, -1:]
         for block in self.blocks:
             query = block(query, context)
-        if self.average_tau is None:
-            average = tokens.mean(dim=1, keepdim=True)
-        else:
+        logits = tokens.new_zeros(b, t, 1)
+        if self.average_tau is not None:
             age = (timestamp[:, -1:] - timestamp).abs()[..., None]  # [b, t, 1] seconds
-            weights = torch.softmax(-age / self.log_tau.exp(), dim=1)  # [b, t, d], over the window
-            average = (weights * tokens).sum(dim=1, keepdim=True)
+            logits = -age / self.log_tau.exp()  # [b, t, d]
+        if self.reliability is not None:
+            logits = logits + self.reliability(tokens)  # [b, t, 1] per frame
+        weights = torch.softmax(logits, dim=1)  # [b, t, d or 1], over the window
+        average = (weights * tokens).sum(dim=1, keepdim=True)
         refined = last + self.gate_scale * self.average_gate * (average - last) + self.out(self.norm(query))
         if self.last_frame_channels:
             keep = self.last_frame_channels
