@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader
 
 from common.tables import render_table
 from handpose.data.dataset import annotation_batch
+from handpose.frame_tokens import compute_frame_tokens
 from handpose.lit import HandPoseLit
 from handpose.metrics import METRIC_NAMES, acceleration_error, joint_metrics, mean_mano_params, metrics_of
+from handpose.models import PoseNet
 from handpose.runs import build_datamodule, find_run_config, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -132,10 +134,18 @@ def detailed_metrics(samples: PerSample, masks: Mapping[str, torch.Tensor]) -> d
     return {"subsets": subsets, "accel_err": accel, "accel_triples": triples}
 
 
-def _loader(datamodule, split: str, batch_size: int, num_workers: int) -> DataLoader:
+def _loader(datamodule, split: str, batch_size: int, num_workers: int, net: PoseNet | None = None,
+            device: str = "cpu") -> DataLoader:
+    """Every window of ``split``. With ``net`` (a Stage 2 network) the windows carry its per-frame tokens, each
+    frame encoded once (:mod:`handpose.frame_tokens`) instead of once per window that holds it: a frame's token
+    does not depend on the window (``PoseNet.encode_frames``), so the predictions are the image path's."""
     dataset = datamodule.build_dataset(split)
+    if net is not None:
+        net.to(device)
+        dataset.use_frame_tokens(compute_frame_tokens(net, dataset, batch_size=max(batch_size, 64),
+                                                      num_workers=num_workers))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=datamodule.collate_fn, persistent_workers=False)
+                      collate_fn=datamodule.collate_for(dataset), persistent_workers=False)
 
 
 def evaluate(
@@ -172,7 +182,9 @@ def evaluate(
     datamodule.prepare_data()
     if not datamodule.has_split(split):
         raise ValueError(f"{datamodule.root} has no {split!r} split")
-    loader = _loader(datamodule, split, datamodule.batch_size, datamodule.num_workers)
+    device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    loader = _loader(datamodule, split, datamodule.batch_size, datamodule.num_workers,
+                     net=lit.net if num_frame > 1 else None, device=device)
 
     collector = _LastFrameCollector()
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,

@@ -110,7 +110,8 @@ class HandPoseLit(L.LightningModule):
             (:mod:`handpose.frame_tokens`) and training windows carry those tokens instead of images, so a step
             costs the temporal encoder, the heads and the loss, not 7 backbone passes. Needs an un-augmented
             training split (``data.augment=null``): the tokens are of the crops the samples describe. Validation
-            and everything after training run the whole network on images.
+            windows carry tokens too (the same predictions; no keypoint image grid); ``handpose.evaluate``
+            encodes each frame once as well, the streaming tracker keeps a ring buffer of tokens.
     """
 
     def __init__(
@@ -173,13 +174,15 @@ class HandPoseLit(L.LightningModule):
             raise ValueError("model.frame_tokens needs model.stage1_weight: the frozen encoder's weights must be "
                              "loaded before its tokens are computed")
         datamodule = getattr(self.trainer, "datamodule", None)
-        dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
-        if not hasattr(dataset, "use_frame_tokens"):
+        datasets = getattr(datamodule, "datasets", {}) if datamodule is not None else {}
+        if not hasattr(datasets.get("train"), "use_frame_tokens"):
             raise ValueError("model.frame_tokens needs a hand datamodule (HandDataModule) with a training split")
-        device = self.trainer.strategy.root_device
-        self.net.to(device)
-        tokens = compute_frame_tokens(self.net, dataset, batch_size=64, num_workers=datamodule.num_workers)
-        dataset.use_frame_tokens(tokens)
+        self.net.to(self.trainer.strategy.root_device)
+        for role in ("train", "val"):  # validation windows too (un-augmented): the same predictions, no images
+            if role in datasets:
+                tokens = compute_frame_tokens(self.net, datasets[role], batch_size=64,
+                                              num_workers=datamodule.num_workers)
+                datasets[role].use_frame_tokens(tokens)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> HandPrediction:
         """batch of [b, t, ...] -> HandPrediction of the last frame, [b, 1, ...]."""
@@ -266,12 +269,12 @@ class HandPoseLit(L.LightningModule):
         """-> the last frame's camera-space joints / vertices, predicted and GT ([b, 1, ...], detached), for
         callbacks that keep per-sample results (handpose.evaluate)."""
         out = self._loss(batch)
-        b = batch["img"].shape[0]
+        b = batch["timestamp"].shape[0]
         self.log(f"{split}/loss", out["loss"], sync_dist=True, batch_size=b)
         valid = batch["valid"][:, -1].bool()
         metrics.update(out["joints_cam_pred"][valid], out["joints_cam_gt"][valid],
                        out["verts_cam_pred"][valid], out["verts_cam_gt"][valid])
-        if batch_idx == 0 and self.trainer.is_global_zero:
+        if batch_idx == 0 and self.trainer.is_global_zero and "img" in batch:  # not with precomputed tokens
             grid = draw_keypoint_grid(batch["img"][:, -1], batch["joints_2d"][:, -1], out["joints_2d_pred"][:, 0],
                                       self.hparams.num_vis)
             log_image(self, f"{split}/keypoints", grid, caption="red: GT, green: prediction (last frame)")

@@ -86,8 +86,8 @@ def test_hand_sub_networks_come_from_targets_and_the_backbone_swaps_by_override(
 
 TINY_HAND = ["model.net.backbone.img_size=32", "model.net.backbone.dense_dim=8", "model.net.decoder.depth=1",
              "model.net.decoder.joint_mlp=16", "model.lift_batch=4",
-             "data.synthetic.num_seqs=7", "data.synthetic.train_seqs=null", "data.synthetic.min_frames=10",
-             "data.synthetic.max_frames=10",
+             "data.synthetic.num_seqs=7", "data.synthetic.train_seqs=3", "data.synthetic.train_min_frames=8",
+             "data.synthetic.train_max_frames=8", "data.synthetic.min_frames=10", "data.synthetic.max_frames=10",
              "data.synthetic.image_size=64", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
              "logger=csv", "model.mean_init_batches=1", "model.num_vis=2"]
 STAGE_OVERRIDES = {"stage1": ["callbacks.ema.update_starting_at_step=2"], "stage2": []}  # Stage 2 has no EMA
