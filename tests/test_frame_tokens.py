@@ -238,3 +238,7 @@ def test_list_valued_synthetic_settings_match_the_set_they_made(tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         changed.prepare_data()
     assert "other settings" in caplog.text and "occluder_size" in caplog.text
+    stage2 = HandDataModule(tmp_path / "set", batch_size=2, num_workers=0, img_size=IMG, synthetic=synthetic,
+                            generate_if_missing=True, train_split="heldout")  # a set made without that split
+    with pytest.raises(ValueError, match=r"no split 'heldout'.*Delete"):
+        stage2.prepare_data()

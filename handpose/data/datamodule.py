@@ -92,6 +92,11 @@ class HandDataModule(BaseDataModule):
             if differ:
                 log.warning("%s was generated with other settings (setting: (on disk, configured)) %s; "
                             "delete it to regenerate", self.root, differ)
+            if self.train_split not in read_splits(self.root):
+                raise ValueError(
+                    f"{self.root / SPLITS_FILE} has no split {self.train_split!r} (data.train_split): the set was "
+                    f"generated with other settings {differ}. Delete {self.root} to regenerate it, and retrain "
+                    "Stage 1 on the new set (outputs/stage1/stage1)")
             return
         log.info("%s has no %s: generating the synthetic hand set there", self.root, SPLITS_FILE)
         generate_dataset(self.root, self._synthetic_config(), workers=self.generate_workers)

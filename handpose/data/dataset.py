@@ -356,10 +356,7 @@ class HandWindowDataset(Dataset):
             for key, value in self._frame(seq, f, img, jitter).items():
                 out[key].append(value)
         sample = {k: np.stack(v) for k, v in out.items() if k not in ("seq_index", "frame_index")}
-        sample["timestamp"] = seq["timestamp"][start:stop] - seq["timestamp"][start]
-        sample["seq_index"] = np.full(stop - start, seq_id, np.int64)
-        sample["frame_index"] = np.arange(start, stop, dtype=np.int64)
-        return _to_float32(sample)
+        return _with_window_keys(sample, seq, seq_id, start, stop)
 
     def _load_tokens(self, seq_id: int, start: int, stop: int, jitter: _Jitter) -> dict[str, np.ndarray] | None:
         """A window's sample with the precomputed tokens in place of the images (None: a frame had no token)."""
@@ -369,10 +366,7 @@ class HandWindowDataset(Dataset):
         rows = [self._geometry(seq, f, jitter)[0] for f in range(start, stop)]
         sample = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         sample["tokens"] = tokens.copy()
-        sample["timestamp"] = seq["timestamp"][start:stop] - seq["timestamp"][start]
-        sample["seq_index"] = np.full(stop - start, seq_id, np.int64)
-        sample["frame_index"] = np.arange(start, stop, dtype=np.int64)
-        return _to_float32(sample)
+        return _with_window_keys(sample, seq, seq_id, start, stop)
 
     def annotations(self) -> dict[str, np.ndarray]:
         """The last frame of every window as the samples carry it (mirrored, converted; no augmentation), without
@@ -448,6 +442,16 @@ def annotation_batch(dataset: HandWindowDataset) -> dict[str, torch.Tensor]:
     """A dataset's last-frame annotations (:meth:`HandWindowDataset.annotations`, no image read) as one batch of
     ``[n, 1, ...]`` tensors, the layout the metrics' batch functions take."""
     return {k: torch.from_numpy(v)[:, None] for k, v in dataset.annotations().items()}
+
+
+def _with_window_keys(sample: Mapping[str, np.ndarray], seq: HandSequence, seq_id: int, start: int,
+                      stop: int) -> dict[str, np.ndarray]:
+    """A window's per-frame arrays plus its timestamps (relative to its first frame), sequence and frame indices,
+    floats as float32."""
+    return _to_float32({
+        **sample, "timestamp": seq["timestamp"][start:stop] - seq["timestamp"][start],
+        "seq_index": np.full(stop - start, seq_id, np.int64), "frame_index": np.arange(start, stop, dtype=np.int64),
+    })
 
 
 def _to_float32(sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
