@@ -242,3 +242,29 @@ def test_list_valued_synthetic_settings_match_the_set_they_made(tmp_path, caplog
                             generate_if_missing=True, train_split="heldout")  # a set made without that split
     with pytest.raises(ValueError, match=r"no split 'heldout'.*Delete"):
         stage2.prepare_data()
+
+
+def test_reliability_gate_keeps_a_clean_last_frame_and_replaces_an_unreliable_one():
+    torch.manual_seed(1)
+    enc = TemporalEncoder(dim=8, heads=2, average_tau=0.1, gate_scale=1.0, reliability=4, reliability_gate=True).eval()
+    tokens, stamps = torch.randn(2, 5, 8), torch.tensor([0.0, 0.033, 0.067, 0.1, 0.133]).expand(2, 5)
+    with torch.no_grad():
+        enc.average_gate.fill_(0.5)
+        enc.out.weight.zero_()
+        enc.out.bias.zero_()
+        neutral = enc(tokens, stamps)  # zero scores: the multiplier is 1, the plain gate of 0.5
+        weights = torch.softmax(-(stamps[:, -1:] - stamps)[..., None] / enc.log_tau.exp(), dim=1)
+        average = (weights * tokens).sum(1, keepdim=True)
+        torch.testing.assert_close(neutral, tokens[:, -1:] + 0.5 * (average - tokens[:, -1:]), atol=1e-6, rtol=0)
+        for last_score, expected in ((40.0, "last"), (-40.0, "earlier average")):
+            scores = torch.zeros(2, 5, 1)
+            scores[:, -1] = last_score
+            enc.reliability = _FixedScore(scores)
+            out = enc(tokens, stamps)
+            if expected == "last":  # above the window's mean score: the gate closes, the last frame stays
+                torch.testing.assert_close(out, tokens[:, -1:], atol=1e-6, rtol=0)
+            else:  # below: the gate doubles to 1 and the average leaves the last frame out
+                earlier = torch.softmax(-(stamps[:, -1:] - stamps[:, :-1])[..., None] / enc.log_tau.exp(), dim=1)
+                torch.testing.assert_close(out, (earlier * tokens[:, :-1]).sum(1, keepdim=True), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="reliability_gate needs"):
+        TemporalEncoder(dim=8, heads=2, reliability_gate=True)

@@ -72,7 +72,7 @@ class TemporalEncoder(nn.Module):
         self, dim: int, depth: int = 1, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
         num_freqs: int = 16, min_period: float = 0.02, max_period: float = 10.0, token_noise: float = 0.0,
         gate_scale: float = 1.0, average_tau: float | None = None, last_frame_channels: int = 0,
-        reliability: int = 0,
+        reliability: int = 0, reliability_gate: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -113,6 +113,11 @@ class TemporalEncoder(nn.Module):
                                              nn.Linear(reliability, 1))
             nn.init.zeros_(self.reliability[-1].weight)
             nn.init.zeros_(self.reliability[-1].bias)
+        # reliability_gate: the average's gate is also scaled by 2 sigmoid(mean score - last frame's score): 1 at
+        # initialisation, towards 0 (keep the last frame) when it scores above the window, towards 2 below it.
+        if reliability_gate and not reliability:
+            raise ValueError("temporal.reliability_gate needs temporal.reliability > 0")
+        self.reliability_gate = reliability_gate
 
     def forward(self, tokens: torch.Tensor, timestamp: torch.Tensor) -> torch.Tensor:
         """tokens [b, t, d], timestamp [b, t] (seconds) -> [b, 1, d] (the last frame, refined)."""
@@ -132,11 +137,15 @@ class TemporalEncoder(nn.Module):
         if self.average_tau is not None:
             age = (timestamp[:, -1:] - timestamp).abs()[..., None]  # [b, t, 1] seconds
             logits = -age / self.log_tau.exp()  # [b, t, d]
+        gate = self.gate_scale * self.average_gate  # [d]
         if self.reliability is not None:
-            logits = logits + self.reliability(tokens)  # [b, t, 1] per frame
+            score = self.reliability(tokens)  # [b, t, 1] per frame
+            logits = logits + score
+            if self.reliability_gate:
+                gate = gate * 2 * torch.sigmoid(score.mean(dim=1, keepdim=True) - score[:, -1:])  # [b, 1, d]
         weights = torch.softmax(logits, dim=1)  # [b, t, d or 1], over the window
         average = (weights * tokens).sum(dim=1, keepdim=True)
-        refined = last + self.gate_scale * self.average_gate * (average - last) + self.out(self.norm(query))
+        refined = last + gate * (average - last) + self.out(self.norm(query))
         if self.last_frame_channels:
             keep = self.last_frame_channels
             refined = torch.cat([refined[..., :self.dim - keep], last[..., self.dim - keep:]], dim=-1)
