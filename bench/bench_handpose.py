@@ -75,10 +75,7 @@ def train_step(lit: HandPoseLit, batch: dict, all_frames: bool = False) -> Calla
 
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
-        if "tokens" in batch:  # precomputed frame tokens (model.frame_tokens): no encoder pass
-            pred = lit.net.refine_and_decode(batch["tokens"], batch["timestamp"], batch["focal"], batch["princpt"])
-        else:
-            pred = lit(batch)
+        pred = lit(batch)  # with precomputed frame tokens (model.frame_tokens): no encoder pass
         out = all_frames_loss(lit, pred, batch) if all_frames else lit.loss(pred, batch, lit.net.translation)
         out["loss"].backward()
         optimizer.step()

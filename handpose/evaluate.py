@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from common.tables import render_table
 from handpose.data.dataset import annotation_batch
-from handpose.frame_tokens import compute_frame_tokens
+from handpose.frame_tokens import attach_frame_tokens
 from handpose.lit import HandPoseLit
 from handpose.metrics import METRIC_NAMES, acceleration_error, joint_metrics, mean_mano_params, metrics_of
 from handpose.models import PoseNet
@@ -141,9 +141,7 @@ def _loader(datamodule, split: str, batch_size: int, num_workers: int, net: Pose
     does not depend on the window (``PoseNet.encode_frames``), so the predictions are the image path's."""
     dataset = datamodule.build_dataset(split)
     if net is not None:
-        net.to(device)
-        dataset.use_frame_tokens(compute_frame_tokens(net, dataset, batch_size=max(batch_size, 64),
-                                                      num_workers=num_workers))
+        attach_frame_tokens(net.to(device), dataset, max(batch_size, 64), num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=datamodule.collate_for(dataset), persistent_workers=False)
 

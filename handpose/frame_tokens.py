@@ -60,3 +60,8 @@ def compute_frame_tokens(net: PoseNet, dataset: HandWindowDataset, batch_size: i
     log.info("frame tokens of %s split %r: %d frames in %.1f s%s", dataset.root, dataset.split, done,
              time.perf_counter() - start, f" ({missing} unreadable: windows with them are skipped)" if missing else "")
     return tokens
+
+
+def attach_frame_tokens(net: PoseNet, dataset: HandWindowDataset, batch_size: int = 64, num_workers: int = 0) -> None:
+    """:func:`compute_frame_tokens` of ``dataset`` (on ``net``'s device), then make its windows carry them."""
+    dataset.use_frame_tokens(compute_frame_tokens(net, dataset, batch_size, num_workers))

@@ -165,7 +165,7 @@ class HandPoseLit(L.LightningModule):
 
     def _use_frame_tokens(self) -> None:
         """``frame_tokens``: compute the training split's frame tokens and make its windows carry them."""
-        from handpose.frame_tokens import compute_frame_tokens
+        from handpose.frame_tokens import attach_frame_tokens
 
         if not (self.net.encoder_frozen and self.net.temporal is not None):
             raise ValueError("model.frame_tokens needs a Stage 2 network with a frozen token encoder "
@@ -180,12 +180,13 @@ class HandPoseLit(L.LightningModule):
         self.net.to(self.trainer.strategy.root_device)
         for role in ("train", "val"):  # validation windows too (un-augmented): the same predictions, no images
             if role in datasets:
-                tokens = compute_frame_tokens(self.net, datasets[role], batch_size=64,
-                                              num_workers=datamodule.num_workers)
-                datasets[role].use_frame_tokens(tokens)
+                attach_frame_tokens(self.net, datasets[role], num_workers=datamodule.num_workers)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> HandPrediction:
-        """batch of [b, t, ...] -> HandPrediction of the last frame, [b, 1, ...]."""
+        """batch of [b, t, ...] -> HandPrediction of the last frame, [b, 1, ...]. A batch with precomputed frame
+        tokens (``frame_tokens``) instead of images skips the per-frame encoder."""
+        if "tokens" in batch:
+            return self.net.refine_and_decode(batch["tokens"], batch["timestamp"], batch["focal"], batch["princpt"])
         return self.net.predict_mano_param(
             batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"]
         )
@@ -200,12 +201,10 @@ class HandPoseLit(L.LightningModule):
         return joints, verts
 
     def _loss(self, batch: Mapping[str, torch.Tensor]) -> dict:
-        if "tokens" in batch:  # precomputed frame tokens (frame_tokens): the frozen encoder has run already
-            pred = self.net.refine_and_decode(batch["tokens"], batch["timestamp"], batch["focal"], batch["princpt"])
-            return self.loss(pred, batch, self.net.translation)
-        inputs = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
-        if self.net.keypoint_head is None:
+        # no keypoint head, or precomputed frame tokens (frame_tokens: the frozen encoder has run already)
+        if self.net.keypoint_head is None or "tokens" in batch:
             return self.loss(self(batch), batch, self.net.translation)
+        inputs = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
         if self.loss.weights["heatmap_2d"]:
             pred, keypoints, log_heatmaps, depths = self.net.predict_with_heatmaps(
                 *inputs, joint_hint=self._joint_hint(batch))

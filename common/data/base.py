@@ -144,6 +144,10 @@ class BaseDataModule(L.LightningDataModule):
         """Return the Dataset for ``split`` (the configured ``train_split``, "val", or ``test_split``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement build_dataset(split)")
 
+    def split_of(self, role: str) -> str | None:
+        """The split that serves ``role`` ("train": ``train_split``, "test": ``test_split``, else the role)."""
+        return {"train": self.train_split, "test": self.test_split}.get(role, role)
+
     def has_split(self, role: str) -> bool:
         """Whether this datamodule has data for ``role`` ("train", "val" or "test")."""
         return role in ("train", "val") or (role == "test" and self.test_split is not None)
@@ -153,7 +157,7 @@ class BaseDataModule(L.LightningDataModule):
         for role in roles:
             if role in self.datasets or not self.has_split(role):
                 continue
-            split = {"test": self.test_split, "train": self.train_split}.get(role, role)
+            split = self.split_of(role)
             self.datasets[role] = self.build_dataset(split)
             size = len(self.datasets[role]) if isinstance(self.datasets[role], Sized) else "?"
             log.info("%s: %s split %r has %s samples", type(self).__name__, role, split, size)
@@ -208,10 +212,9 @@ class BaseDataModule(L.LightningDataModule):
     def _dataset(self, role: str) -> Dataset:
         if role not in self.datasets:
             if not self.has_split(role):
-                split = {"test": self.test_split, "train": self.train_split}.get(role, role)
                 raise RuntimeError(
-                    f"{type(self).__name__} has no {role!r} split (looked for {split!r}; see has_split, train_split, "
-                    "test_split)"
+                    f"{type(self).__name__} has no {role!r} split (looked for {self.split_of(role)!r}; see "
+                    "has_split, train_split, test_split)"
                 )
             raise RuntimeError(f"{type(self).__name__}: {role!r} dataset requested before setup() built it")
         return self.datasets[role]

@@ -112,7 +112,7 @@ class HandDataModule(BaseDataModule):
         )
 
     def has_split(self, role: str) -> bool:
-        return bool(self.splits().get(self.train_split if role == "train" else role))
+        return bool(self.splits().get(self.split_of(role)))
 
     def build_dataset(self, split: str) -> HandWindowDataset:
         return self.window_dataset(self.root, split)
