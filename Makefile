@@ -11,7 +11,7 @@ RUN_ARG := $(if $(RUN),run_name=$(RUN),)
 TRAIN := $(PY) -m common.train
 
 # (gesture-prereqs is internal)
-.PHONY: gesture-prereqs install lock test test-full lint train-stage1 train-stage2 train-toy eval-hand data-hand data-freihand data-ho3d data-dexycb demo-tracker \
+.PHONY: gesture-prereqs install lock test test-full lint train-stage1 train-stage2 train-toy eval-hand headroom-hand data-hand data-freihand data-ho3d data-dexycb demo-tracker \
         data-gesture data-gesture-sam3d cache-gesture train-vqvae train-fgd train-mambatalk infer-mambatalk render-gesture bench \
         bench-hand bench-mamba bench-gesture gpu-check clean
 
@@ -89,6 +89,10 @@ HAND_CKPT ?= outputs/stage2/stage2/checkpoints/last.ckpt
 eval-hand: $(STAMP)
 	$(PY) -m handpose.evaluate --ckpt $(or $(CKPT),$(HAND_CKPT)) --split $(or $(SPLIT),test) \
 	  $(if $(filter none,$(STAGE1)),,$(if $(or $(STAGE1),$(if $(CKPT),,1)),--compare-stage1 $(or $(STAGE1),$(STAGE1_CKPT)),)) $(ARGS)
+
+# What a temporal Stage 2 could gain over a Stage 1 checkpoint (oracles on its per-frame tokens; handpose.headroom).
+headroom-hand: $(STAMP)
+	$(PY) -m handpose.headroom --ckpt $(or $(CKPT),$(STAGE1_CKPT)) --split $(or $(SPLIT),val) $(ARGS)
 
 demo-tracker: $(STAMP)
 	$(PY) -m handpose.demo --ckpt $(or $(CKPT),$(HAND_CKPT)) --out $(or $(OUT),outputs/demo_tracker.mp4) $(ARGS)

@@ -241,3 +241,52 @@ def test_a_run_written_before_the_module_rename_still_loads(runs, tmp_path, capl
     assert "old paths" in caplog.text and cfg.model.net._target_ == "handpose.models.PoseNet"
     reference, _ = evaluate.load_checkpoint(runs["stage1"])
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in lit.state_dict().items())
+
+
+def test_headroom_stage1_row_is_evaluate_and_the_oracles_follow_their_definitions(runs, data_root, tmp_path):
+    from handpose import headroom
+
+    out = tmp_path / "headroom.json"
+    report = headroom.main(["--ckpt", str(runs["stage1"]), "--split", "val", "--num-frame", "3", "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    cmp = evaluate.main(["--ckpt", str(runs["stage2"]), "--split", "val", "--json", str(tmp_path / "e.json"),
+                         "--no-progress", "--no-baseline", "--compare-stage1", str(runs["stage1"])])
+    own = report["rows"]["last frame (Stage 1)"]
+    assert own["windows"] == cmp["stage1"]["details"]["subsets"]["all"]["count"]
+    assert own["pa_mpjpe"] == pytest.approx(cmp["stage1"]["metrics"]["pa_mpjpe"], rel=1e-4)
+    assert own["mpjpe"] == pytest.approx(cmp["stage1"]["metrics"]["mpjpe"], rel=1e-4)
+    with pytest.raises(ValueError, match="Stage 2 run"):
+        headroom.headroom(runs["stage2"], num_frame=3)
+
+    # depth floor against a float64 recomputation with the MANO tree written out (OpenPose order)
+    parents = [0, 0, 1, 2, 3, 0, 5, 6, 7, 0, 9, 10, 11, 0, 13, 14, 15, 0, 17, 18, 19]
+    ds = HandWindowDataset(data_root, "val", num_frame=3, img_size=IMG)
+    sizes = []
+    for seq in ds.sequences:
+        j = seq["joints_cam"][np.flatnonzero(seq["valid"])[0]].astype(np.float64)
+        sizes.append(np.linalg.norm(j[1:] - j[parents[1:]], axis=-1).sum())
+    typical = np.median(sizes)
+    floor = np.mean([seq_z * abs(1 - typical / sizes[s]) for s, _, stop in ds.index
+                     for seq_z in [ds.sequences[s]["joints_cam"][stop - 1, 0, 2]]])
+    assert report["depth_floor_mm"] == pytest.approx(1000 * floor, rel=1e-5)
+
+
+def test_headroom_window_estimates_on_linear_motion_and_occlusion_choice():
+    from handpose.headroom import latest_unoccluded, window_estimates
+
+    t = np.array([0.0, 0.03, 0.07, 0.10, 0.17, 0.20, 0.23, 0.27, 0.30])  # irregular, a drop after 0.10
+    a, b = np.array([1.0, -2.0]), np.array([3.0, 0.5])
+    tokens = a + t[:, None] * b  # tokens that move linearly in time
+    est = window_estimates(tokens, t, end=7, num_frame=5)
+    np.testing.assert_allclose(est["last frame (Stage 1)"], tokens[7])
+    np.testing.assert_allclose(est["causal line through 5"], tokens[7], atol=1e-12)  # no lag on a line
+    np.testing.assert_allclose(est["causal mean of 5"], a + t[3:8].mean() * b)  # lags by the window's mean age
+    np.testing.assert_allclose(est["causal mean of 3"], tokens[5:8].mean(0))
+    np.testing.assert_allclose(est["centred mean of 5 (looks ahead)"], tokens[5:10].mean(0))
+    with pytest.raises(IndexError):
+        window_estimates(tokens, t, end=3, num_frame=5)
+    with pytest.raises(ValueError, match="timestamp"):
+        window_estimates(tokens, t[:-1], end=7, num_frame=5)
+    occluded = np.array([0, 0, 1, 1, 1, 0, 1], bool)
+    assert latest_unoccluded(occluded, 6, 3) == 5 and latest_unoccluded(occluded, 5, 3) == 5
+    assert latest_unoccluded(occluded, 4, 3) is None and latest_unoccluded(occluded, 4, 4) == 1

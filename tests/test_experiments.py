@@ -124,7 +124,7 @@ def test_stage1_then_stage2_through_the_entrypoint(tmp_path):
     assert any(k.startswith("net.decoder.finger_head.") for k in frozen)
     for k in frozen:
         torch.testing.assert_close(s2[k], s1[k], rtol=0, atol=0)
-    assert any(not torch.equal(s2[k], torch.zeros_like(s2[k])) for k in s2 if k.startswith("net.temporal.out."))
+    assert s2["net.temporal.average_gate"].abs().sum() > 0  # zero-initialised: the temporal encoder trained
 
     # `python -m common.eval` on the run's checkpoints gives the numbers training reported for them
     trained = json.loads((tmp_path / "out" / "stage2" / "stage2" / "metrics.json").read_text())

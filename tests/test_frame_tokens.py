@@ -268,3 +268,26 @@ def test_reliability_gate_keeps_a_clean_last_frame_and_replaces_an_unreliable_on
                 torch.testing.assert_close(out, (earlier * tokens[:, :-1]).sum(1, keepdim=True), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="reliability_gate needs"):
         TemporalEncoder(dim=8, heads=2, reliability_gate=True)
+
+
+def test_depth_zero_is_the_gated_window_average_alone():
+    """temporal.depth 0: no attention path; the refined token is last + gate (weighted average - last), per channel,
+    against a float64 recomputation; the encoder has only the average's parameters."""
+    torch.manual_seed(2)
+    enc = TemporalEncoder(dim=6, depth=0, average_tau=0.1, gate_scale=10.0, reliability=4).eval()
+    names = {n.split(".")[0] for n, _ in enc.named_parameters()}
+    assert names == {"average_gate", "log_tau", "reliability"}
+    tokens, stamps = torch.randn(3, 4, 6), torch.tensor([0.0, 0.033, 0.1, 0.133]).expand(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(tokens, stamps), tokens[:, -1:], atol=0, rtol=0)  # starts as Stage 1
+        enc.average_gate.copy_(torch.linspace(0.0, 0.1, 6))
+        enc.log_tau.copy_(torch.log(torch.linspace(0.05, 0.3, 6)))
+        out = enc(tokens, stamps)
+    x = tokens.double()
+    age = (stamps[:, -1:] - stamps).double()[..., None]  # [b, t, 1]
+    weights = torch.softmax(-age / torch.linspace(0.05, 0.3, 6, dtype=torch.float64), dim=1)  # [b, t, d]
+    gate = 10.0 * torch.linspace(0.0, 0.1, 6, dtype=torch.float64)
+    expected = x[:, -1:] + gate * ((weights * x).sum(1, keepdim=True) - x[:, -1:])
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="depth"):
+        TemporalEncoder(dim=6, depth=-1)

@@ -1,8 +1,10 @@
-"""Temporal encoder for Stage 2: the last frame's hand token attends to all frames' tokens.
+"""Temporal encoder for Stage 2: the last frame's hand token moved towards a weighted average of the window's
+tokens (weights from each frame's age and a learnt reliability score), plus, with ``depth`` > 0, a correction from
+attention blocks in which the last frame's token attends to all frames' tokens.
 
 Output is ``[b, 1, d]`` by construction (only the last frame is refined). Timestamps enter relative to the
-last frame, so dropped frames and irregular spacing need no special case. The output projection is
-zero-initialised: at step 0 the encoder returns the last frame's token unchanged.
+last frame, so dropped frames and irregular spacing need no special case. The average's gate and the attention
+path's output projection are zero-initialised: at step 0 the encoder returns the last frame's token unchanged.
 """
 
 from __future__ import annotations
@@ -85,12 +87,18 @@ class TemporalEncoder(nn.Module):
         # per-channel std. Stage 1 fitted the training frames, so their tokens are cleaner than unseen frames';
         # without noise the encoder learns to trust the last frame and never to average over the window.
         self.token_noise = token_noise
-        self.time_embed = TimeEmbedding(dim, num_freqs, min_period, max_period)
+        # depth 0: no attention path; the refined token is the last frame's moved towards the window's weighted
+        # average (below), so Stage 2 can only smooth and re-weight what Stage 1 saw, never add a correction of its
+        # own (which the held-out split's 200 sequences are too few to teach without overfitting).
+        if depth < 0:
+            raise ValueError(f"temporal.depth must be >= 0, got {depth}")
+        self.time_embed = TimeEmbedding(dim, num_freqs, min_period, max_period) if depth else None
         self.blocks = nn.ModuleList(TemporalBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, dim)
-        nn.init.zeros_(self.out.weight)  # identity at initialisation: Stage 2 starts as Stage 1
-        nn.init.zeros_(self.out.bias)
+        self.norm = nn.LayerNorm(dim) if depth else None
+        self.out = nn.Linear(dim, dim) if depth else None
+        if self.out is not None:
+            nn.init.zeros_(self.out.weight)  # identity at initialisation: Stage 2 starts as Stage 1
+            nn.init.zeros_(self.out.bias)
         # A gated average of the window's tokens, per channel: a path that can learn to smooth in a few dozen
         # steps (attention from LayerNorm-ed features has to learn the tokens' scale first). Zero at start; the
         # gate is ``gate_scale * average_gate`` so that an optimiser step moves it by about gate_scale x lr
@@ -128,11 +136,6 @@ class TemporalEncoder(nn.Module):
             scale = tokens.detach().flatten(0, 1).std(dim=0).clamp(min=1e-6)  # [d]
             tokens = tokens + self.token_noise * scale * torch.randn_like(tokens)
         last = tokens[:, -1:]
-        time = self.time_embed(timestamp - timestamp[:, -1:])  # [b, t, d], offsets <= 0 seconds
-        context = tokens + time
-        query = last + time[:, -1:]
-        for block in self.blocks:
-            query = block(query, context)
         logits = tokens.new_zeros(b, t, 1)
         if self.average_tau is not None:
             age = (timestamp[:, -1:] - timestamp).abs()[..., None]  # [b, t, 1] seconds
@@ -145,7 +148,13 @@ class TemporalEncoder(nn.Module):
                 gate = gate * 2 * torch.sigmoid(score.mean(dim=1, keepdim=True) - score[:, -1:])  # [b, 1, d]
         weights = torch.softmax(logits, dim=1)  # [b, t, d or 1], over the window
         average = (weights * tokens).sum(dim=1, keepdim=True)
-        refined = last + gate * (average - last) + self.out(self.norm(query))
+        refined = last + gate * (average - last)
+        if self.blocks:
+            time = self.time_embed(timestamp - timestamp[:, -1:])  # [b, t, d], offsets <= 0 seconds
+            query = last + time[:, -1:]
+            for block in self.blocks:
+                query = block(query, tokens + time)
+            refined = refined + self.out(self.norm(query))
         if self.last_frame_channels:
             keep = self.last_frame_channels
             refined = torch.cat([refined[..., :self.dim - keep], last[..., self.dim - keep:]], dim=-1)

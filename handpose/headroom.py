@@ -1,0 +1,197 @@
+"""How much a temporal Stage 2 could gain over a Stage 1 checkpoint: oracles on its per-frame tokens.
+
+``python -m handpose.headroom --ckpt outputs/stage1/stage1/checkpoints/last.ckpt [--split val] [--num-frame 7]``
+(``make headroom-hand``). Stage 2 refines the last frame of a window from Stage 1's tokens of that window; whatever
+it does, it cannot do better than combinations of those tokens allow. On the windows ``handpose.evaluate`` scores
+(every window end with ``num_frame`` frames of history), each row decodes a different token through Stage 1's
+own heads and reports PA-MPJPE and root-relative MPJPE:
+
+- the last frame's own token (Stage 1 as evaluated);
+- causal means of the last 3 and of all ``num_frame`` tokens, and the value at the last frame of a least-squares
+  line through the window's tokens against time (a smoother that does not lag behind linear motion);
+- the centred mean of ``num_frame`` tokens around the frame (it looks ahead, clipped at the sequence's ends): what
+  smoothing could give with perfect motion compensation;
+- on windows whose last frame is occluded, that frame's token replaced by the most recent unoccluded frame's in the
+  window (an oracle that knows which frames are occluded); windows occluded throughout keep their own.
+
+And from the annotations alone, the floor of the root (depth) error for a single view: each sequence's hand size
+``s`` (the sum of its 20 bone lengths) is unknown to an image up to scale, so an estimator exact in everything but
+the size predicts the depth of a hand of the split's median size ``s~``: error ``z |1 - s~ / s|``.
+
+If the centred mean barely beats the last frame's token, Stage 1's errors persist over the window (they come from
+what the frame looks like, not from per-frame noise) and no temporal refinement of these tokens can remove them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.tables import render_table
+from handpose.data.dataset import HandWindowDataset
+from handpose.frame_tokens import compute_frame_tokens
+from handpose.metrics import procrustes_align
+from handpose.lit import SKELETON_PARENTS_21, HandPoseLit
+from handpose.runs import build_datamodule, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+SHORT_MEAN = 3  # frames of the short causal mean
+
+
+def window_estimates(tokens: np.ndarray, timestamp: np.ndarray, end: int, num_frame: int) -> dict[str, np.ndarray]:
+    """One sequence's tokens [n, d] and timestamps [n] (s), a window ending at frame ``end`` with ``num_frame``
+    frames (``end >= num_frame - 1``) -> the candidate tokens [d] for that frame, by name (float64)."""
+    n = len(tokens)
+    if np.shape(tokens)[:1] != np.shape(timestamp) or np.ndim(tokens) != 2:
+        raise ValueError(f"tokens [n, d] and timestamp [n] expected, got {np.shape(tokens)} and {np.shape(timestamp)}")
+    if not num_frame - 1 <= end < n:
+        raise IndexError(f"window end {end} needs {num_frame - 1} frames before it in a sequence of {n}")
+    x = np.asarray(tokens, np.float64)
+    window = x[end - num_frame + 1: end + 1]
+    t = np.asarray(timestamp, np.float64)[end - num_frame + 1: end + 1] - float(timestamp[end])
+    design = np.stack([np.ones_like(t), t], axis=1)  # [num_frame, 2]: the intercept is the value at the last frame
+    half = num_frame // 2
+    return {
+        "last frame (Stage 1)": x[end],
+        f"causal mean of {min(SHORT_MEAN, num_frame)}": x[end - min(SHORT_MEAN, num_frame) + 1: end + 1].mean(0),
+        f"causal mean of {num_frame}": window.mean(0),
+        f"causal line through {num_frame}": np.linalg.lstsq(design, window, rcond=None)[0][0],
+        f"centred mean of {num_frame} (looks ahead)": x[max(0, end - half): end + num_frame - half].mean(0),
+    }
+
+
+def latest_unoccluded(occluded: np.ndarray, end: int, num_frame: int) -> int | None:
+    """The most recent frame of the window ending at ``end`` that is not occluded (``end`` itself if it is not);
+    None when the whole window is occluded."""
+    for f in range(end, end - num_frame, -1):
+        if not occluded[f]:
+            return f
+    return None
+
+
+def hand_size(joints: np.ndarray) -> float:
+    """Sum of the 20 bone lengths of a 21-joint skeleton [21, 3] (metres)."""
+    if np.shape(joints) != (21, 3):
+        raise ValueError(f"joints [21, 3] expected, got {np.shape(joints)}")
+    return float(sum(np.linalg.norm(joints[c] - joints[p]) for c, p in enumerate(SKELETON_PARENTS_21) if p >= 0))
+
+
+def depth_floor_mm(dataset: HandWindowDataset) -> float:
+    """Mean over the windows' last frames of ``z |1 - s~ / s|`` (mm): the depth error left to an estimator that
+    knows everything but the hand's absolute size (sizes from each sequence's first valid frame)."""
+    sizes = []
+    for seq in dataset.sequences:
+        valid = np.flatnonzero(seq["valid"])
+        sizes.append(hand_size(seq["joints_cam"][valid[0]]) if len(valid) else np.nan)
+    sizes = np.asarray(sizes)
+    typical = np.nanmedian(sizes)
+    errors = [float(dataset.sequences[s]["joints_cam"][stop - 1, 0, 2]) * abs(1 - typical / sizes[s])
+              for s, _, stop in dataset.index]
+    return 1000 * float(np.mean(errors))
+
+
+@torch.no_grad()
+def decode_joints(lit: HandPoseLit, tokens: np.ndarray, focal: np.ndarray, princpt: np.ndarray,
+                  batch_size: int = 256) -> torch.Tensor:
+    """Tokens [m, d] through the Stage 1 heads -> root-relative MANO joints [m, 21, 3] (metres, float64)."""
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        t = torch.as_tensor(tokens[i: i + batch_size], dtype=torch.float32)[:, None]
+        pred = lit.net.refine_and_decode(t, torch.zeros(len(t), 1), torch.as_tensor(focal[i: i + batch_size])[:, None],
+                                         torch.as_tensor(princpt[i: i + batch_size])[:, None])
+        pose, shape, _ = (x[:, 0] for x in pred.mano)
+        out.append(lit.loss.mano(pose, shape).joints.double())
+    joints = torch.cat(out)
+    return joints - joints[:, :1]
+
+
+def _errors_mm(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float]:
+    """-> (PA-MPJPE, root-relative MPJPE) in mm, float64."""
+    gt = gt - gt[:, :1]
+    pa = (procrustes_align(pred, gt) - gt).norm(dim=-1).mean()
+    return 1000 * float(pa), 1000 * float((pred - gt).norm(dim=-1).mean())
+
+
+def headroom(ckpt: str | Path, split: str = "val", num_frame: int = 7, data_root: str | None = None,
+             num_workers: int = 0) -> dict:
+    """The oracle table of a Stage 1 checkpoint on ``split`` (module docstring) as a dict."""
+    lit, cfg = load_checkpoint(ckpt)
+    if lit.net.temporal is not None:
+        raise ValueError(f"{ckpt} is a Stage 2 run: give the Stage 1 checkpoint it started from")
+    datamodule = build_datamodule(cfg, lit, {"num_frame": num_frame, "eval_stride": 1, "root": data_root})
+    datamodule.prepare_data()
+    dataset = datamodule.build_dataset(split)
+    tokens = compute_frame_tokens(lit.net, dataset, num_workers=num_workers)
+    ann = dataset.annotations()
+    keep = np.flatnonzero(ann["valid"])
+    rows: dict[str, list[np.ndarray]] = {}
+    occluded_rows, oracle, whole = [], [], 0
+    for row, j in enumerate(keep):
+        s, _, stop = dataset.index[j]
+        seq, end = dataset.sequences[s], stop - 1
+        for name, token in window_estimates(tokens[s], seq["timestamp"], end, num_frame).items():
+            rows.setdefault(name, []).append(token)
+        if seq["occluded"][end]:
+            clean = latest_unoccluded(seq["occluded"], end, num_frame)
+            whole += clean is None
+            occluded_rows.append(row)
+            oracle.append(tokens[s][end if clean is None else clean])
+    focal, princpt, gt = ann["focal"][keep], ann["princpt"][keep], torch.from_numpy(ann["joints_cam"][keep]).double()
+    report = {"checkpoint": str(ckpt), "split": split, "num_frame": num_frame, "windows": int(len(keep)), "rows": {}}
+    for name, candidates in rows.items():
+        pa, mpjpe = _errors_mm(decode_joints(lit, np.stack(candidates), focal, princpt), gt)
+        report["rows"][name] = {"pa_mpjpe": pa, "mpjpe": mpjpe, "windows": int(len(keep))}
+    if occluded_rows:
+        idx = np.asarray(occluded_rows)
+        own = np.stack(rows["last frame (Stage 1)"])[idx]
+        for name, candidates in (("occluded last frame (Stage 1)", own), ("occluded: latest unoccluded frame", oracle)):
+            pa, mpjpe = _errors_mm(decode_joints(lit, np.stack(candidates), focal[idx], princpt[idx]), gt[idx])
+            report["rows"][name] = {"pa_mpjpe": pa, "mpjpe": mpjpe, "windows": int(len(idx))}
+        report["occluded_throughout"] = int(whole)
+    report["depth_floor_mm"] = depth_floor_mm(dataset)
+    return report
+
+
+def format_report(report: dict) -> str:
+    base = report["rows"]["last frame (Stage 1)"]["pa_mpjpe"]
+    occ = report["rows"].get("occluded last frame (Stage 1)", {}).get("pa_mpjpe")
+    lines = []
+    for name, row in report["rows"].items():
+        ref = occ if name.startswith("occluded") else base
+        lines.append((name, str(row["windows"]), f"{row['pa_mpjpe']:.2f}", f"{row['pa_mpjpe'] / ref:.3f}x",
+                      f"{row['mpjpe']:.2f}"))
+    table = render_table(
+        f"What Stage 2 could gain: {report['split']} split, windows of {report['num_frame']} frames",
+        (("token decoded", "left"), ("windows", "right"), ("PA-MPJPE (mm)", "right"), ("vs Stage 1", "right"),
+         ("MPJPE root-rel. (mm)", "right")), lines)
+    notes = [f"depth error floor of a single view (hand size unknown): {report['depth_floor_mm']:.1f} mm"]
+    if "occluded_throughout" in report:
+        notes.append(f"occluded windows without an unoccluded frame: {report['occluded_throughout']}")
+    return "\n".join([table, *notes])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True, help="a Stage 1 checkpoint of a HandPoseLit run")
+    parser.add_argument("--split", default="val", choices=("train", "val", "test", "heldout"))
+    parser.add_argument("--num-frame", type=int, default=7, help="window length (Stage 2's)")
+    parser.add_argument("--data-root", default=None, help="data folder (default: the run's data.root)")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = headroom(args.ckpt, args.split, args.num_frame, args.data_root, args.num_workers)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
