@@ -35,8 +35,8 @@ import torch
 from common.tables import render_table
 from handpose.data.dataset import HandWindowDataset
 from handpose.frame_tokens import compute_frame_tokens
-from handpose.metrics import procrustes_align
 from handpose.lit import SKELETON_PARENTS_21, HandPoseLit
+from handpose.metrics import procrustes_align
 from handpose.runs import build_datamodule, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,10 @@ def hand_size(joints: np.ndarray) -> float:
     return float(sum(np.linalg.norm(joints[c] - joints[p]) for c, p in enumerate(SKELETON_PARENTS_21) if p >= 0))
 
 
-def depth_floor_mm(dataset: HandWindowDataset) -> float:
-    """Mean over the windows' last frames of ``z |1 - s~ / s|`` (mm): the depth error left to an estimator that
-    knows everything but the hand's absolute size (sizes from each sequence's first valid frame)."""
+def depth_floor_mm(dataset: HandWindowDataset, windows: list[tuple[int, int, int]] | None = None) -> float:
+    """Mean over the last frames of ``windows`` (``dataset.index`` entries; default all) of ``z |1 - s~ / s|`` (mm):
+    the depth error left to an estimator that knows everything but the hand's absolute size (sizes from each
+    sequence's first valid frame, ``s~`` their median over the split)."""
     sizes = []
     for seq in dataset.sequences:
         valid = np.flatnonzero(seq["valid"])
@@ -92,7 +93,7 @@ def depth_floor_mm(dataset: HandWindowDataset) -> float:
     sizes = np.asarray(sizes)
     typical = np.nanmedian(sizes)
     errors = [float(dataset.sequences[s]["joints_cam"][stop - 1, 0, 2]) * abs(1 - typical / sizes[s])
-              for s, _, stop in dataset.index]
+              for s, _, stop in (dataset.index if windows is None else windows)]
     return 1000 * float(np.mean(errors))
 
 
@@ -129,7 +130,14 @@ def headroom(ckpt: str | Path, split: str = "val", num_frame: int = 7, data_root
     dataset = datamodule.build_dataset(split)
     tokens = compute_frame_tokens(lit.net, dataset, num_workers=num_workers)
     ann = dataset.annotations()
-    keep = np.flatnonzero(ann["valid"])
+    # every frame a window's candidates read must have a token (a frame the loader could not read has none)
+    half = num_frame // 2
+    readable = [bool(np.isfinite(tokens[s][stop - num_frame: stop + num_frame - half - 1]).all())
+                for s, _, stop in dataset.index]
+    keep = np.flatnonzero(ann["valid"] & np.asarray(readable, bool))
+    if len(keep) < len(dataset):
+        log.warning("headroom: %d of %d windows skipped (invalid last frame or an unreadable frame)",
+                    len(dataset) - len(keep), len(dataset))
     rows: dict[str, list[np.ndarray]] = {}
     occluded_rows, oracle, whole = [], [], 0
     for row, j in enumerate(keep):
@@ -154,7 +162,7 @@ def headroom(ckpt: str | Path, split: str = "val", num_frame: int = 7, data_root
             pa, mpjpe = _errors_mm(decode_joints(lit, np.stack(candidates), focal[idx], princpt[idx]), gt[idx])
             report["rows"][name] = {"pa_mpjpe": pa, "mpjpe": mpjpe, "windows": int(len(idx))}
         report["occluded_throughout"] = int(whole)
-    report["depth_floor_mm"] = depth_floor_mm(dataset)
+    report["depth_floor_mm"] = depth_floor_mm(dataset, [dataset.index[j] for j in keep])
     return report
 
 
