@@ -36,7 +36,7 @@ from common.tables import render_table
 from handpose.data.dataset import HandWindowDataset
 from handpose.frame_tokens import compute_frame_tokens
 from handpose.lit import SKELETON_PARENTS_21, HandPoseLit
-from handpose.metrics import procrustes_align
+from handpose.metrics import joint_metrics
 from handpose.runs import build_datamodule, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,16 @@ log = logging.getLogger(__name__)
 SHORT_MEAN = 3  # frames of the short causal mean
 
 
+def frames_read(end: int, num_frame: int) -> slice:
+    """The frames :func:`window_estimates` reads for the window ending at ``end``: the window itself and the centred
+    window (``num_frame // 2`` frames before ``end``, the rest after it)."""
+    return slice(max(0, end - num_frame + 1), end + num_frame - num_frame // 2)
+
+
 def window_estimates(tokens: np.ndarray, timestamp: np.ndarray, end: int, num_frame: int) -> dict[str, np.ndarray]:
     """One sequence's tokens [n, d] and timestamps [n] (s), a window ending at frame ``end`` with ``num_frame``
-    frames (``end >= num_frame - 1``) -> the candidate tokens [d] for that frame, by name (float64)."""
+    frames (``end >= num_frame - 1``) -> the candidate tokens [d] for that frame, by name (float64); they read
+    the frames :func:`frames_read`."""
     n = len(tokens)
     if np.shape(tokens)[:1] != np.shape(timestamp) or np.ndim(tokens) != 2:
         raise ValueError(f"tokens [n, d] and timestamp [n] expected, got {np.shape(tokens)} and {np.shape(timestamp)}")
@@ -56,13 +63,13 @@ def window_estimates(tokens: np.ndarray, timestamp: np.ndarray, end: int, num_fr
     window = x[end - num_frame + 1: end + 1]
     t = np.asarray(timestamp, np.float64)[end - num_frame + 1: end + 1] - float(timestamp[end])
     design = np.stack([np.ones_like(t), t], axis=1)  # [num_frame, 2]: the intercept is the value at the last frame
-    half = num_frame // 2
+    centred = x[max(0, end - num_frame // 2): frames_read(end, num_frame).stop]  # clipped at the sequence's end
     return {
         "last frame (Stage 1)": x[end],
         f"causal mean of {min(SHORT_MEAN, num_frame)}": x[end - min(SHORT_MEAN, num_frame) + 1: end + 1].mean(0),
         f"causal mean of {num_frame}": window.mean(0),
         f"causal line through {num_frame}": np.linalg.lstsq(design, window, rcond=None)[0][0],
-        f"centred mean of {num_frame} (looks ahead)": x[max(0, end - half): end + num_frame - half].mean(0),
+        f"centred mean of {num_frame} (looks ahead)": centred.mean(0),
     }
 
 
@@ -100,23 +107,22 @@ def depth_floor_mm(dataset: HandWindowDataset, windows: list[tuple[int, int, int
 @torch.no_grad()
 def decode_joints(lit: HandPoseLit, tokens: np.ndarray, focal: np.ndarray, princpt: np.ndarray,
                   batch_size: int = 256) -> torch.Tensor:
-    """Tokens [m, d] through the Stage 1 heads -> root-relative MANO joints [m, 21, 3] (metres, float64)."""
+    """Tokens [m, d] through the Stage 1 heads -> MANO joints without translation [m, 21, 3] (metres)."""
     out = []
     for i in range(0, len(tokens), batch_size):
         t = torch.as_tensor(tokens[i: i + batch_size], dtype=torch.float32)[:, None]
         pred = lit.net.refine_and_decode(t, torch.zeros(len(t), 1), torch.as_tensor(focal[i: i + batch_size])[:, None],
                                          torch.as_tensor(princpt[i: i + batch_size])[:, None])
         pose, shape, _ = (x[:, 0] for x in pred.mano)
-        out.append(lit.loss.mano(pose, shape).joints.double())
-    joints = torch.cat(out)
-    return joints - joints[:, :1]
+        out.append(lit.loss.mano(pose, shape).joints)
+    return torch.cat(out)
 
 
-def _errors_mm(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float]:
-    """-> (PA-MPJPE, root-relative MPJPE) in mm, float64."""
-    gt = gt - gt[:, :1]
-    pa = (procrustes_align(pred, gt) - gt).norm(dim=-1).mean()
-    return 1000 * float(pa), 1000 * float((pred - gt).norm(dim=-1).mean())
+def _errors_mm(lit: HandPoseLit, tokens: np.ndarray, focal: np.ndarray, princpt: np.ndarray,
+               joints_gt: torch.Tensor) -> dict[str, float]:
+    """PA-MPJPE and root-relative MPJPE (mm) of the decoded ``tokens`` against ``joints_gt`` [m, 21, 3]."""
+    metrics = joint_metrics(decode_joints(lit, tokens, focal, princpt), joints_gt)
+    return {"pa_mpjpe": metrics["pa_mpjpe"], "mpjpe": metrics["mpjpe"]}  # root error: no translation decoded
 
 
 def headroom(ckpt: str | Path, split: str = "val", num_frame: int = 7, data_root: str | None = None,
@@ -131,9 +137,7 @@ def headroom(ckpt: str | Path, split: str = "val", num_frame: int = 7, data_root
     tokens = compute_frame_tokens(lit.net, dataset, num_workers=num_workers)
     ann = dataset.annotations()
     # every frame a window's candidates read must have a token (a frame the loader could not read has none)
-    half = num_frame // 2
-    readable = [bool(np.isfinite(tokens[s][stop - num_frame: stop + num_frame - half - 1]).all())
-                for s, _, stop in dataset.index]
+    readable = [bool(np.isfinite(tokens[s][frames_read(stop - 1, num_frame)]).all()) for s, _, stop in dataset.index]
     keep = np.flatnonzero(ann["valid"] & np.asarray(readable, bool))
     if len(keep) < len(dataset):
         log.warning("headroom: %d of %d windows skipped (invalid last frame or an unreadable frame)",
@@ -150,17 +154,16 @@ def headroom(ckpt: str | Path, split: str = "val", num_frame: int = 7, data_root
             whole += clean is None
             occluded_rows.append(row)
             oracle.append(tokens[s][end if clean is None else clean])
-    focal, princpt, gt = ann["focal"][keep], ann["princpt"][keep], torch.from_numpy(ann["joints_cam"][keep]).double()
+    focal, princpt, gt = ann["focal"][keep], ann["princpt"][keep], torch.from_numpy(ann["joints_cam"][keep])
     report = {"checkpoint": str(ckpt), "split": split, "num_frame": num_frame, "windows": int(len(keep)), "rows": {}}
     for name, candidates in rows.items():
-        pa, mpjpe = _errors_mm(decode_joints(lit, np.stack(candidates), focal, princpt), gt)
-        report["rows"][name] = {"pa_mpjpe": pa, "mpjpe": mpjpe, "windows": int(len(keep))}
+        report["rows"][name] = {**_errors_mm(lit, np.stack(candidates), focal, princpt, gt), "windows": int(len(keep))}
     if occluded_rows:
         idx = np.asarray(occluded_rows)
         own = np.stack(rows["last frame (Stage 1)"])[idx]
         for name, candidates in (("occluded last frame (Stage 1)", own), ("occluded: latest unoccluded frame", oracle)):
-            pa, mpjpe = _errors_mm(decode_joints(lit, np.stack(candidates), focal[idx], princpt[idx]), gt[idx])
-            report["rows"][name] = {"pa_mpjpe": pa, "mpjpe": mpjpe, "windows": int(len(idx))}
+            report["rows"][name] = {**_errors_mm(lit, np.stack(candidates), focal[idx], princpt[idx], gt[idx]),
+                                    "windows": int(len(idx))}
         report["occluded_throughout"] = int(whole)
     report["depth_floor_mm"] = depth_floor_mm(dataset, [dataset.index[j] for j in keep])
     return report
