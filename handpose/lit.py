@@ -101,7 +101,8 @@ class HandPoseLit(L.LightningModule):
         num_vis: crops in the validation image grid.
         lift_batch: with the decoder's joint MLP, every training step also trains it and the pose head on this
             many annotations of the training split without images (GT 2D joints + Gaussian noise of
-            ``lift_noise`` crop sides -> pose; the ``pose`` and ``joints`` terms, weighted by ``lift_weight``).
+            ``lift_noise`` crop sides -> pose; the ``pose``, ``joints`` (and weighted, ``orient``) terms, weighted
+            by ``lift_weight``; with ``decoder.joint_root`` the global orientation is read from the 2D joints too).
             2D -> 3D lifting needs far more samples than the image path can afford on a CPU, and costs no
             convolution. 0 = off. With ``decoder.joint_depth`` the ground-truth relative depths
             (``HeatmapKeypointHead.relative_depths``) plus noise of ``lift_depth_noise`` go in beside them.
@@ -257,11 +258,14 @@ class HandPoseLit(L.LightningModule):
             depths = depths + self.hparams.lift_depth_noise * torch.randn_like(depths)
             noisy = torch.cat([noisy, depths[..., None]], dim=-1)
         token = decoder.lift_token(noisy)
-        if decoder.finger_token:  # the finger token alone gives the fingers; the root is not its job
-            pose = torch.cat([ann["mano_pose"][:, :3], decoder.decode_fingers(token)], dim=-1)
+        if decoder.finger_token:  # the finger token alone gives the fingers (and with joint_root a root of its own)
+            root = (decoder.decode_joint_root(decoder.root_from_joints(noisy)) if decoder.joint_root
+                    else ann["mano_pose"][:, :3])
+            pose = torch.cat([root, decoder.decode_fingers(token)], dim=-1)
         else:
             (pose, _, _), _ = decoder.decode_token(token, ann["focal"], ann["princpt"])
-        return self.loss.lift_terms(pose, ann)
+        depth = (decoder.decode_joint_distance(token), decoder.translation) if decoder.joint_distance else None
+        return self.loss.lift_terms(pose, ann, depth)
 
     def _eval_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, split: str,
                    metrics: HandPoseMetrics) -> dict[str, torch.Tensor]:

@@ -169,6 +169,84 @@ def test_lift_terms_equal_the_forward_terms_for_the_same_prediction():
     lift = loss.lift_terms(pose, {k: v[:, 0] for k, v in batch.items()})
     torch.testing.assert_close(lift["pose"], full["pose"])
     torch.testing.assert_close(lift["joints"], full["joints"])
+    assert "orient" not in lift  # off unless weighted
+    weighted = HandPoseLoss(gt_root_in_fk_terms=True, weights={"orient": 10.0})
+    torch.testing.assert_close(weighted.lift_terms(pose, {k: v[:, 0] for k, v in batch.items()})["orient"],
+                               weighted(pred, batch, bins)["terms"]["orient"])
+    # depth bins: the lift term is the forward's translation term restricted to the depth axis (two depth
+    # distributions under the same x / y ones change both by the same amount)
+    depth = [torch.log_softmax(torch.randn(5, 8, generator=g), -1) for _ in range(2)]
+    forward = [loss(HandPrediction(pred.mano, (*heat[:2], d[:, None])), batch, bins)["terms"]["trans"] for d in depth]
+    lifted = [loss.lift_terms(pose, {k: v[:, 0] for k, v in batch.items()}, (d, bins))["trans"] for d in depth]
+    torch.testing.assert_close(lifted[0] - lifted[1], forward[0] - forward[1])
+    assert lifted[0] > 0
+    with pytest.raises(ShapeError):
+        loss.lift_terms(pose, {k: v[:, 0] for k, v in batch.items()}, (depth[0][:, :7], bins))
+
+
+def test_joint_distance_adds_depth_logits_read_from_the_finger_token_alone():
+    """decoder.joint_distance: the depth bins' logits are the image token's plus an MLP's on the finger token;
+    zero-initialised (same weights, same prediction), and decode_joint_distance reads the finger token only."""
+    torch.manual_seed(0)
+    decoder = {**CNN_DECODER, "finger_token": 16}
+    plain = PoseNet("stage1", backbone=CNN_BACKBONE, decoder=decoder, aux_keypoints=True).eval()
+    net = PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**decoder, "joint_distance": True},
+                  aux_keypoints=True).eval()
+    report = net.load_state_dict(plain.state_dict(), strict=False)
+    assert all(k.startswith("decoder.joint_distance_head.") for k in report.missing_keys) and report.missing_keys
+    batch = make_hand_batch(3, 1, IMG, seed=4)
+    args = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
+    with torch.no_grad():
+        torch.testing.assert_close(net(*args).mano.trans, plain(*args).mano.trans)
+        torch.nn.init.normal_(net.decoder.joint_distance_head[-1].weight, std=0.3)
+        dec = net.decoder
+        token = torch.randn(3, dec.token_dim)
+        finger = token[:, dec.dim:]
+        log_hm = dec.decode_token(token, batch["focal"][:, 0], batch["princpt"][:, 0]).log_heatmaps
+        extra = dec.joint_distance_head(finger)
+        torch.testing.assert_close(log_hm[2], torch.log_softmax(dec.trans_heads[2](token) + extra, -1))
+        torch.testing.assert_close(log_hm[0], torch.log_softmax(dec.trans_heads[0](token), -1))
+        torch.testing.assert_close(dec.decode_joint_distance(finger), torch.log_softmax(extra, -1))
+    with pytest.raises(ValueError, match="joint_distance"):
+        PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "joint_distance": True}, aux_keypoints=True)
+
+
+def test_joint_root_adds_a_root_read_from_the_joint_positions_alone():
+    """decoder.joint_root: an MLP of its own reads the (detached) 2D joint positions; its 6D residual is the hand
+    token's last part and adds to the image token's root. Zero-initialised, so the network starts as without it
+    (the same weights give the same prediction); decode_joint_root (what the lift batch supervises) reads only it."""
+    from common.rotations import rotation_6d_to_axis_angle
+
+    torch.manual_seed(0)
+    decoder = {**CNN_DECODER, "finger_token": 16}
+    plain = PoseNet("stage1", backbone=CNN_BACKBONE, decoder=decoder, aux_keypoints=True).eval()
+    net = PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**decoder, "joint_root": True}, aux_keypoints=True).eval()
+    report = net.load_state_dict(plain.state_dict(), strict=False)
+    assert report.missing_keys and all(k.startswith("decoder.joint_root_net.") for k in report.missing_keys)
+    assert not report.unexpected_keys and net.decoder.joint_root_net in net.decoder.output_heads()
+    dec = net.decoder
+    assert dec.token_dim == plain.decoder.token_dim + 6
+    batch = make_hand_batch(3, 1, IMG, seed=4)
+    args = (batch["img"], batch["bbox"], batch["focal"], batch["princpt"], batch["timestamp"])
+    with torch.no_grad():
+        torch.testing.assert_close(net(*args).mano.pose, plain(*args).mano.pose)
+        torch.nn.init.normal_(dec.joint_root_net[-1].weight, std=0.3)
+        token = torch.randn(3, dec.token_dim)
+        pose = dec.decode_token(token, batch["focal"][:, 0], batch["princpt"][:, 0]).mano.pose
+        root_6d = dec.init_pose_6d[:6] + dec.pose_head(token[:, :-6]) + token[:, -6:]
+        torch.testing.assert_close(pose[:, :3], rotation_6d_to_axis_angle(root_6d))
+        torch.testing.assert_close(pose[:, 3:], dec.decode_fingers(token[:, dec.dim: dec.dim + 16]))
+        torch.testing.assert_close(dec.decode_joint_root(token[:, -6:]),
+                                   rotation_6d_to_axis_angle(dec.init_pose_6d[:6] + token[:, -6:]))
+    positions = (0.3 * torch.randn(3, 21, 2)).requires_grad_(True)
+    part = dec.root_from_joints(positions)
+    torch.testing.assert_close(part, dec.joint_root_net(positions.detach().flatten(1)))
+    part.sum().backward()
+    assert positions.grad is None  # the heatmaps learn from their own loss, not from the root's
+    with pytest.raises(ValueError, match="joint_root"):
+        PoseNet("stage1", backbone=CNN_BACKBONE, decoder={**CNN_DECODER, "joint_root": True}, aux_keypoints=True)
+    with pytest.raises(RuntimeError, match="joint_root"):
+        plain.decoder.root_from_joints(positions)
 
 
 def _accel_reference(seq, frame, pred, gt) -> float:

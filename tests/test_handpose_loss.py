@@ -293,3 +293,34 @@ def test_translation_outside_the_bins_is_counted_and_warned_once(mano, caplog):
         loss(inside, far, BINS)
     assert loss.num_trans_out_of_range == 4
     assert caplog.text.count("outside the translation bins") == 1
+
+
+def test_orient_term_is_the_orientation_error_in_joint_units(mano):
+    """The ``orient`` term poses the ground-truth hand under the predicted global orientation: against scipy, it is
+    the mean L1 between the root-relative GT joints rotated by R_pred R_gt^-1 and themselves; wrong fingers do not
+    change it, and it trains the global orientation only."""
+    from scipy.spatial.transform import Rotation
+
+    batch = make_hand_batch(4, 2, mano=mano, seed=3)
+    (pose, shape, trans), heatmaps = gt_prediction(batch)
+    g = torch.Generator().manual_seed(1)
+    wrong = pose.clone()
+    wrong[..., :3] = wrong[..., :3] + 0.4 * torch.randn(4, 1, 3, generator=g)   # orientation off by ~40 degrees
+    wrong[..., 3:] = wrong[..., 3:] + 0.3 * torch.randn(4, 1, 45, generator=g)  # fingers off too
+    wrong.requires_grad_(True)
+    loss = HandPoseLoss(gt_root_in_fk_terms=True, weights={k: 0.0 for k in LOSS_TERMS if k != "orient"} | {"orient": 1})
+    out = loss(HandPrediction(ManoParams(wrong, shape, trans), heatmaps), batch, BINS)
+
+    gt = batch["joints_cam"][:, -1].double().numpy()
+    rel = gt - gt[:, :1]
+    r_pred = Rotation.from_rotvec(wrong[:, 0, :3].detach().double().numpy())
+    r_gt = Rotation.from_rotvec(batch["mano_pose"][:, -1, :3].double().numpy())
+    expected = np.mean([np.abs((r_pred[i] * r_gt[i].inv()).apply(rel[i]) - rel[i]).mean() for i in range(4)])
+    assert out["terms"]["orient"].item() == pytest.approx(expected, rel=1e-4)
+    out["loss"].backward()
+    assert wrong.grad[..., :3].abs().max() > 0 and wrong.grad[..., 3:].abs().max() == 0
+
+    right_root = wrong.detach().clone()
+    right_root[..., :3] = pose[..., :3]
+    assert loss(HandPrediction(ManoParams(right_root, shape, trans), heatmaps), batch, BINS)["terms"]["orient"] < 1e-6
+    assert HandPoseLoss()(HandPrediction(ManoParams(wrong, shape, trans), heatmaps), batch, BINS)["terms"]["orient"] == 0

@@ -20,6 +20,7 @@ from common.shapes import expect_shape
 from .translation import CAMERA_FEATURE_DIM, TranslationBins
 
 NUM_POSE_JOINTS = 16  # MANO: global orientation + 15 finger joints
+ROOT_DIM = 6  # the global orientation's 6D rotation
 POSE_DIM = NUM_POSE_JOINTS * 3
 SHAPE_DIM = 10
 JOINT_DEPTH_MODES = (False, None, True, "aux", "input")  # decoder.joint_depth (true = "input")
@@ -73,6 +74,8 @@ class HandDecoder(nn.Module):
         finger_features: int = 0,
         joint_depth: bool | str = False,
         head_init_gain: float = 0.01,
+        joint_root: bool = False,
+        joint_distance: bool = False,
     ) -> None:
         super().__init__()
         # Per joint: its crop position (2) and, with joint_depth "input" (or true), its relative depth
@@ -92,8 +95,9 @@ class HandDecoder(nn.Module):
         if finger_token and not joint_mlp:
             raise ValueError("model.net.decoder.finger_token needs joint_mlp > 0 (the finger token is its output)")
         self.finger_token = finger_token
-        # The hand token: the query decoder's output, and with finger_token the joint MLP's output beside it.
-        self.token_dim = dim + finger_token
+        # The hand token: the query decoder's output, with finger_token the joint MLP's output beside it, and with
+        # joint_root the root MLP's 6D orientation residual last.
+        self.token_dim = dim + finger_token + (ROOT_DIM if joint_root else 0)
         self.num_joints = num_joints
         self.joint_in_dim = joint_in_dim
         if joint_tokens:  # one more memory token per joint: heatmap-pooled features and position
@@ -124,6 +128,20 @@ class HandDecoder(nn.Module):
                 nn.Linear(finger_features, finger_token))
             nn.init.zeros_(self.finger_feature_net[-1].weight)
             nn.init.zeros_(self.finger_feature_net[-1].bias)
+        if joint_root and not finger_token:
+            raise ValueError("model.net.decoder.joint_root needs finger_token > 0 (it reads the finger token)")
+        self.joint_root = joint_root
+        if joint_root:
+            # The global orientation from the 2D joints too, added to the image token's estimate: a hand tilted out
+            # of the image plane shows in its 2D joints (foreshortening, perspective). An MLP of its own on the
+            # joint positions (detached: the heatmaps learn from their own loss), so the finger MLP keeps its
+            # capacity; the image-free lift batch trains it every step. Its 6D residual is the hand token's last
+            # part (Stage 2 refines it with the rest). Zero-initialised output: it starts as the image's.
+            self.joint_root_net = nn.Sequential(
+                nn.Linear(num_joints * self.joint_coords, joint_mlp), nn.GELU(), nn.Linear(joint_mlp, joint_mlp),
+                nn.GELU(), nn.Linear(joint_mlp, ROOT_DIM))
+            nn.init.zeros_(self.joint_root_net[-1].weight)
+            nn.init.zeros_(self.joint_root_net[-1].bias)
         self.query = nn.Parameter(torch.zeros(1, num_queries, dim))
         # Several queries can each read another part of the hand; their outputs are merged into one hand token
         # (one query reads a weighted average of the tokens per head and layer: too narrow for articulation).
@@ -134,7 +152,7 @@ class HandDecoder(nn.Module):
         )
         self.blocks = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
 
-        d = self.token_dim
+        d = dim + finger_token  # the heads read the image and finger parts; the root residual adds to the root
         # finger_token: pose_head gives the global orientation only, finger_head the 15 finger joints.
         self.pose_head = nn.Linear(d, 6 if finger_token else NUM_POSE_JOINTS * 6)
         self.finger_head = nn.Linear(finger_token, (NUM_POSE_JOINTS - 1) * 6) if finger_token else None
@@ -143,6 +161,17 @@ class HandDecoder(nn.Module):
         self.trans_heads = nn.ModuleList(
             nn.Sequential(nn.Linear(d, dim), nn.GELU(), nn.Linear(dim, len(c))) for c in self.bin_centers
         )
+        if joint_distance and not finger_token:
+            raise ValueError("model.net.decoder.joint_distance needs finger_token > 0 (it reads the finger token)")
+        self.joint_distance = joint_distance
+        if joint_distance:
+            # The hand's distance (the depth bins' logits) also from the finger token, added to the image token's:
+            # the 2D joints show the hand's pose and tilt, hence its extent in the crop for a typical hand size;
+            # the lift batch trains it every step. Zero-initialised output: it starts as the image's.
+            self.joint_distance_head = nn.Sequential(
+                nn.Linear(finger_token, dim), nn.GELU(), nn.Linear(dim, len(self.bin_centers[2])))
+            nn.init.zeros_(self.joint_distance_head[-1].weight)
+            nn.init.zeros_(self.joint_distance_head[-1].bias)
         # Residual origin: MANO's mean hand (zero pose with flat_hand_mean=False, zero shape) until
         # set_mean_init replaces it with the training data's mean; persistent, so checkpoints carry it.
         self.register_buffer("init_pose_6d", axis_angle_to_rotation_6d(torch.zeros(NUM_POSE_JOINTS, 3)).flatten())
@@ -191,10 +220,21 @@ class HandDecoder(nn.Module):
             finger = self.lift_token(joints[..., -self.joint_coords:])
             if self.finger_features:
                 finger = finger + self.finger_feature_net(joints[..., :-self.joint_coords].flatten(1))
+            if self.joint_root:
+                return torch.cat([token, finger, self.root_from_joints(joints[..., -self.joint_coords:])], dim=-1)
             return torch.cat([token, finger], dim=-1)
         if self.joint_mlp:
             token = token + self.lift_token(joints[..., -self.joint_coords:])
         return token
+
+    def root_from_joints(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [n, J, 2] (as :meth:`lift_token`) -> the root MLP's 6D orientation residual [n, 6] (the hand
+        token's last part; no gradient into the positions); needs ``joint_root``."""
+        if not self.joint_root:
+            raise RuntimeError("root_from_joints needs a HandDecoder with joint_root=True")
+        n = positions.shape[0]
+        expect_shape(positions, (n, self.num_joints, self.joint_coords), "joint positions")
+        return self.joint_root_net(positions.detach().flatten(1))
 
     def lift_token(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [n, J, 2] (the wrist in the crop in [-0.5, 0.5], the others relative to it, as in
@@ -206,8 +246,9 @@ class HandDecoder(nn.Module):
 
     def output_heads(self) -> list[nn.Module]:
         """What turns the hand token into MANO parameters: the pose (or root), finger, shape and translation heads."""
-        return [self.pose_head, *((self.finger_head,) if self.finger_head is not None else ()), self.shape_head,
-                self.trans_heads]
+        return [self.pose_head, *((self.finger_head,) if self.finger_head is not None else ()),
+                *((self.joint_root_net,) if self.joint_root else ()),
+                *((self.joint_distance_head,) if self.joint_distance else ()), self.shape_head, self.trans_heads]
 
     def decode_fingers(self, finger_token: torch.Tensor) -> torch.Tensor:
         """finger token [n, finger_token] -> the 15 finger joints' axis-angles [n, 45] (MANO order, the pose's
@@ -219,6 +260,23 @@ class HandDecoder(nn.Module):
         init = self.init_pose_6d.unflatten(-1, (NUM_POSE_JOINTS, 6))[1:].flatten()
         pose_6d = (init + self.finger_head(finger_token)).unflatten(-1, (NUM_POSE_JOINTS - 1, 6))
         return rotation_6d_to_axis_angle(pose_6d).flatten(-2)
+
+    def decode_joint_root(self, root_part: torch.Tensor) -> torch.Tensor:
+        """The root MLP's 6D residual [n, 6] (:meth:`root_from_joints`) -> the global orientation it gives alone,
+        axis-angle [n, 3] (what the lift batch supervises; images add the image token's part, :meth:`decode_token`)."""
+        n = root_part.shape[0]
+        expect_shape(root_part, (n, ROOT_DIM), "root residual")
+        return rotation_6d_to_axis_angle(self.init_pose_6d[:ROOT_DIM] + root_part)
+
+    def decode_joint_distance(self, finger_token: torch.Tensor) -> torch.Tensor:
+        """finger token [n, finger_token] -> log-probabilities [n, Bz] over the depth bins read from it alone (what
+        the lift batch supervises; images add the image token's logits, :meth:`decode_token`); needs
+        ``joint_distance``."""
+        if not self.joint_distance:
+            raise RuntimeError("decode_joint_distance needs a HandDecoder with joint_distance=True")
+        n = finger_token.shape[0]
+        expect_shape(finger_token, (n, self.finger_token), "finger token")
+        return F.log_softmax(self.joint_distance_head(finger_token), dim=-1)
 
     @property
     def uses_joints(self) -> bool:
@@ -232,14 +290,21 @@ class HandDecoder(nn.Module):
         expect_shape(token, (n, self.token_dim), "hand token")
         expect_shape(focal, (n, 2), "focal")
         expect_shape(princpt, (n, 2), "princpt")
+        heads_in = token[:, : self.dim + self.finger_token]  # without the root residual (joint_root)
         if self.finger_head is not None:  # the root from the whole token, the fingers from the finger token
-            root_6d = self.init_pose_6d[:6] + self.pose_head(token)
-            pose = torch.cat([rotation_6d_to_axis_angle(root_6d), self.decode_fingers(token[:, self.dim:])], dim=-1)
+            root_6d = self.init_pose_6d[:ROOT_DIM] + self.pose_head(heads_in)
+            if self.joint_root:
+                root_6d = root_6d + token[:, -ROOT_DIM:]
+            finger = token[:, self.dim: self.dim + self.finger_token]
+            pose = torch.cat([rotation_6d_to_axis_angle(root_6d), self.decode_fingers(finger)], dim=-1)
         else:
-            pose_6d = (self.init_pose_6d + self.pose_head(token)).unflatten(-1, (NUM_POSE_JOINTS, 6))
+            pose_6d = (self.init_pose_6d + self.pose_head(heads_in)).unflatten(-1, (NUM_POSE_JOINTS, 6))
             pose = rotation_6d_to_axis_angle(pose_6d).flatten(-2)
-        shape = self.init_shape + self.shape_head(token)
-        log_heatmaps = tuple(F.log_softmax(head(token), dim=-1) for head in self.trans_heads)
+        shape = self.init_shape + self.shape_head(heads_in)
+        logits = [head(heads_in) for head in self.trans_heads]
+        if self.joint_distance:
+            logits[2] = logits[2] + self.joint_distance_head(token[:, self.dim: self.dim + self.finger_token])
+        log_heatmaps = tuple(F.log_softmax(x, dim=-1) for x in logits)
         # trans comes from the expectation over bin centres, so it always agrees with the heatmaps.
         values = torch.stack([(lh.exp() * c).sum(-1) for lh, c in zip(log_heatmaps, self.bin_centers)], dim=-1)
         trans = self.translation.decode(values, shape, focal, princpt)
