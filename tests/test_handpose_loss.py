@@ -297,8 +297,9 @@ def test_translation_outside_the_bins_is_counted_and_warned_once(mano, caplog):
 
 def test_orient_term_is_the_orientation_error_in_joint_units(mano):
     """The ``orient`` term poses the ground-truth hand under the predicted global orientation: against scipy, it is
-    the mean L1 between the root-relative GT joints rotated by R_pred R_gt^-1 and themselves; wrong fingers do not
-    change it, and it trains the global orientation only."""
+    the mean L1 between the root-relative GT joints rotated by R_pred R_gt^-1 and themselves, and against MANO's
+    forward kinematics of the GT fingers and shape under the predicted root the same; wrong fingers do not change
+    it, and it trains the global orientation only."""
     from scipy.spatial.transform import Rotation
 
     batch = make_hand_batch(4, 2, mano=mano, seed=3)
@@ -317,6 +318,10 @@ def test_orient_term_is_the_orientation_error_in_joint_units(mano):
     r_gt = Rotation.from_rotvec(batch["mano_pose"][:, -1, :3].double().numpy())
     expected = np.mean([np.abs((r_pred[i] * r_gt[i].inv()).apply(rel[i]) - rel[i]).mean() for i in range(4)])
     assert out["terms"]["orient"].item() == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():  # the same hand by forward kinematics: the GT fingers and shape under the predicted root
+        fk = mano(torch.cat([wrong[:, 0, :3], batch["mano_pose"][:, -1, 3:]], -1), batch["mano_shape"][:, -1]).joints
+    fk_rel = (fk - fk[:, :1]).double().numpy()
+    assert out["terms"]["orient"].item() == pytest.approx(np.abs(fk_rel - rel).mean(), rel=1e-4)
     out["loss"].backward()
     assert wrong.grad[..., :3].abs().max() > 0 and wrong.grad[..., 3:].abs().max() == 0
 
