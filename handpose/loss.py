@@ -112,14 +112,14 @@ class HandPoseLoss(nn.Module):
             got worse than the mean pose's while MPJPE improved). The orientation then learns from the ``pose``
             and ``joints_2d`` terms and the ``orient`` term; camera-space outputs and metrics always use the full
             prediction. Off here, on in every hand config (``configs/model/handpose_stage1.yaml``).
+        mano_model_path, flat_hand_mean: MANO model for forward kinematics; must match the data's convention
+            (``None`` = the procedural hand).
+        heatmap_2d_sigma: width (in heatmap cells) of the Gaussian target of the ``heatmap_2d`` term.
 
     Terms (``LOSS_TERMS``) beyond the obvious: ``orient`` poses the ground-truth hand (fingers and shape) under the
     predicted global orientation and takes the L1 of its root-relative joints, in the units of ``joints``: the
     orientation's own signal (in ``pose`` the root is one rotation of 16; measured: with weight 10 a 1-epoch Stage 1
     reached root-relative MPJPE 45.8 mm instead of 59.0). Off by default (weight 0).
-        mano_model_path, flat_hand_mean: MANO model for forward kinematics; must match the data's convention
-            (``None`` = the procedural hand).
-        heatmap_2d_sigma: width (in heatmap cells) of the Gaussian target of the ``heatmap_2d`` term.
     """
 
     def __init__(
@@ -312,7 +312,8 @@ class HandPoseLoss(nn.Module):
         [n, Bz] over the depth bins of ``translation``) the depth axis of ``trans`` (same definitions as
         :meth:`forward`), for the lifting batch:
         pose_pred [n, 48] from 2D joints alone; batch of annotations ``[n, ...]`` (mano_pose, mano_shape,
-        joints_cam, valid) -> {"pose", "joints"} (unweighted)."""
+        joints_cam, valid; with ``depth_bins`` also mano_trans, focal, princpt) -> {"pose", "joints"[, "orient"]
+        [, "trans"]} (unweighted)."""
         n = pose_pred.shape[0]
         expect_shape(pose_pred, (n, POSE_DIM), "lift pose_pred")
         weight = expect_shape(batch["valid"].to(pose_pred.dtype)[:, None], (n, 1), "valid")

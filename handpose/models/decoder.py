@@ -129,7 +129,8 @@ class HandDecoder(nn.Module):
             nn.init.zeros_(self.finger_feature_net[-1].weight)
             nn.init.zeros_(self.finger_feature_net[-1].bias)
         if joint_root and not finger_token:
-            raise ValueError("model.net.decoder.joint_root needs finger_token > 0 (it reads the finger token)")
+            raise ValueError("model.net.decoder.joint_root needs finger_token > 0 (its residual is a part of the hand "
+                             "token beside the finger token's)")
         self.joint_root = joint_root
         if joint_root:
             # The global orientation from the 2D joints too, added to the image token's estimate: a hand tilted out
@@ -291,11 +292,11 @@ class HandDecoder(nn.Module):
         expect_shape(focal, (n, 2), "focal")
         expect_shape(princpt, (n, 2), "princpt")
         heads_in = token[:, : self.dim + self.finger_token]  # without the root residual (joint_root)
+        finger = token[:, self.dim: self.dim + self.finger_token]
         if self.finger_head is not None:  # the root from the whole token, the fingers from the finger token
             root_6d = self.init_pose_6d[:ROOT_DIM] + self.pose_head(heads_in)
             if self.joint_root:
                 root_6d = root_6d + token[:, -ROOT_DIM:]
-            finger = token[:, self.dim: self.dim + self.finger_token]
             pose = torch.cat([rotation_6d_to_axis_angle(root_6d), self.decode_fingers(finger)], dim=-1)
         else:
             pose_6d = (self.init_pose_6d + self.pose_head(heads_in)).unflatten(-1, (NUM_POSE_JOINTS, 6))
@@ -303,7 +304,7 @@ class HandDecoder(nn.Module):
         shape = self.init_shape + self.shape_head(heads_in)
         logits = [head(heads_in) for head in self.trans_heads]
         if self.joint_distance:
-            logits[2] = logits[2] + self.joint_distance_head(token[:, self.dim: self.dim + self.finger_token])
+            logits[2] = logits[2] + self.joint_distance_head(finger)
         log_heatmaps = tuple(F.log_softmax(x, dim=-1) for x in logits)
         # trans comes from the expectation over bin centres, so it always agrees with the heatmaps.
         values = torch.stack([(lh.exp() * c).sum(-1) for lh, c in zip(log_heatmaps, self.bin_centers)], dim=-1)
