@@ -35,10 +35,15 @@ def every_frame_view(dataset: HandWindowDataset) -> HandWindowDataset:
 
 @torch.no_grad()
 def compute_frame_tokens(net: PoseNet, dataset: HandWindowDataset, batch_size: int = 64,
-                         num_workers: int = 0) -> list[np.ndarray]:
+                         num_workers: int = 0, ground_truth_joints_2d: bool = False) -> list[np.ndarray]:
     """Tokens of every frame of ``dataset``'s sequences through ``net``'s per-frame encoder -> one
     ``[n_frames, token_dim]`` float32 array per sequence (split order). A frame the loader could not read stays
-    NaN (the windows containing it are then skipped by the dataset, and counted)."""
+    NaN (the windows containing it are then skipped by the dataset, and counted).
+
+    ``ground_truth_joints_2d`` (an oracle, for ``handpose.headroom``): the joint MLP of every valid frame reads the
+    annotated 2D joints instead of the heatmap head's (needs a net whose decoder uses the joints)."""
+    if ground_truth_joints_2d and not (net.has_heatmaps and net.decoder.uses_joints):
+        raise ValueError("ground_truth_joints_2d needs a PoseNet whose joint MLP reads the heatmap head's 2D joints")
     frames = every_frame_view(dataset)
     loader = DataLoader(frames, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                         collate_fn=CheckedCollate(sample_spec(1, frames.img_size)))
@@ -49,7 +54,12 @@ def compute_frame_tokens(net: PoseNet, dataset: HandWindowDataset, batch_size: i
     start, done = time.perf_counter(), 0
     try:
         for batch in loader:
-            out = net.encode_frames(*(batch[k].to(device) for k in ("img", "bbox", "focal", "princpt")))
+            hint = None
+            if ground_truth_joints_2d:
+                joints = batch["joints_2d"].to(device)  # [b, 1, 21, 2] crop pixels
+                use = batch["valid"].to(device).bool() & torch.isfinite(joints).flatten(2).all(-1)
+                hint = (torch.nan_to_num(joints), use)
+            out = net.encode_frames(*(batch[k].to(device) for k in ("img", "bbox", "focal", "princpt")), joint_hint=hint)
             out = out[:, 0].float().cpu().numpy()  # [b, d]
             for row, s, f in zip(out, batch["seq_index"][:, 0].tolist(), batch["frame_index"][:, 0].tolist()):
                 tokens[s][f] = row
@@ -57,7 +67,8 @@ def compute_frame_tokens(net: PoseNet, dataset: HandWindowDataset, batch_size: i
     finally:
         net.train(was_training)
     missing = sum(int(np.isnan(t[:, 0]).sum()) for t in tokens)
-    log.info("frame tokens of %s split %r: %d frames in %.1f s%s", dataset.root, dataset.split, done,
+    log.info("frame tokens%s of %s split %r: %d frames in %.1f s%s",
+             " (ground-truth 2D joints)" if ground_truth_joints_2d else "", dataset.root, dataset.split, done,
              time.perf_counter() - start, f" ({missing} unreadable: windows with them are skipped)" if missing else "")
     return tokens
 

@@ -14,6 +14,11 @@ own heads and reports PA-MPJPE and root-relative MPJPE:
 - on windows whose last frame is occluded, that frame's token replaced by the most recent unoccluded frame's in the
   window (an oracle that knows which frames are occluded); windows occluded throughout keep their own.
 
+- for a network whose joint MLP reads the heatmap head's 2D joints: the last frame's token with that MLP reading the
+  annotated 2D joints instead (the image features pooled under the predicted heatmaps unchanged), and the heatmap
+  head's own 2D error on those frames (crop pixels; mean over the 21 joints and over the 5 fingertips): how much of
+  Stage 1's error comes from where it places the joints in the image, and how much from reading the hand from them.
+
 And from the annotations alone, the floor of the root (depth) error for a single view: each sequence's hand size
 ``s`` (the sum of its 20 bone lengths) is unknown to an image up to scale, so an estimator exact in everything but
 the size predicts the depth of a hand of the split's median size ``s~``: error ``z |1 - s~ / s|``.
@@ -31,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
+from common.data.collate import CheckedCollate
 from common.tables import render_table
-from handpose.data.dataset import HandWindowDataset
-from handpose.frame_tokens import compute_frame_tokens
+from handpose.data.dataset import HandWindowDataset, sample_spec
+from handpose.frame_tokens import compute_frame_tokens, every_frame_view
 from handpose.lit import SKELETON_PARENTS_21, HandPoseLit
 from handpose.metrics import joint_metrics
 from handpose.runs import build_datamodule, load_checkpoint
@@ -42,6 +49,8 @@ from handpose.runs import build_datamodule, load_checkpoint
 log = logging.getLogger(__name__)
 
 SHORT_MEAN = 3  # frames of the short causal mean
+FINGERTIPS_21 = tuple(j for j in range(21) if j not in SKELETON_PARENTS_21)  # the joints no other hangs from
+GT_JOINTS_ROW = "last frame, GT 2D joints (oracle)"
 
 
 def frames_read(end: int, num_frame: int) -> slice:
@@ -118,6 +127,26 @@ def decode_joints(lit: HandPoseLit, tokens: np.ndarray, focal: np.ndarray, princ
     return torch.cat(out)
 
 
+@torch.no_grad()
+def keypoint_errors_px(lit: HandPoseLit, dataset: HandWindowDataset, windows: list[tuple[int, int, int]],
+                       batch_size: int = 64, num_workers: int = 0) -> dict[str, float]:
+    """The keypoint head's 2D joints of the last frames of ``windows`` (``dataset.index`` entries) against their
+    annotation -> mean distance in crop pixels over all 21 joints ("all") and over the 5 fingertips ("tips")."""
+    frames = every_frame_view(dataset)
+    position = {(s, stop - 1): i for i, (s, _, stop) in enumerate(frames.index)}
+    subset = Subset(frames, [position[(s, stop - 1)] for s, _, stop in windows])
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                        collate_fn=CheckedCollate(sample_spec(1, frames.img_size)))
+    errors = []
+    for batch in loader:
+        _, keypoints = lit.net.predict_with_keypoints(
+            *(batch[k] for k in ("img", "bbox", "focal", "princpt", "timestamp")))
+        errors.append((keypoints[:, 0] - batch["joints_2d"][:, 0]).norm(dim=-1).double())  # [b, 21]
+    err = torch.cat(errors)
+    return {"all": float(err.mean()), "tips": float(err[:, list(FINGERTIPS_21)].mean()),
+            "crop_size": int(frames.img_size)}
+
+
 def _errors_mm(lit: HandPoseLit, tokens: np.ndarray, focal: np.ndarray, princpt: np.ndarray,
                joints_gt: torch.Tensor) -> dict[str, float]:
     """PA-MPJPE and root-relative MPJPE (mm) of the decoded ``tokens`` against ``joints_gt`` [m, 21, 3]."""
@@ -165,6 +194,12 @@ def headroom(ckpt: str | Path, split: str = "val", num_frame: int = 7, data_root
             report["rows"][name] = {**_errors_mm(lit, np.stack(candidates), focal[idx], princpt[idx], gt[idx]),
                                     "windows": int(len(idx))}
         report["occluded_throughout"] = int(whole)
+    if lit.net.has_heatmaps and lit.net.decoder.uses_joints:  # the 2D joints' share of Stage 1's error
+        oracle_tokens = compute_frame_tokens(lit.net, dataset, num_workers=num_workers, ground_truth_joints_2d=True)
+        last = np.stack([oracle_tokens[dataset.index[j][0]][dataset.index[j][2] - 1] for j in keep])
+        report["rows"][GT_JOINTS_ROW] = {**_errors_mm(lit, last, focal, princpt, gt), "windows": int(len(keep))}
+        report["keypoint_error_px"] = keypoint_errors_px(lit, dataset, [dataset.index[j] for j in keep],
+                                                         num_workers=num_workers)
     report["depth_floor_mm"] = depth_floor_mm(dataset, [dataset.index[j] for j in keep])
     return report
 
@@ -182,6 +217,10 @@ def format_report(report: dict) -> str:
         (("token decoded", "left"), ("windows", "right"), ("PA-MPJPE (mm)", "right"), ("vs Stage 1", "right"),
          ("MPJPE root-rel. (mm)", "right")), lines)
     notes = [f"depth error floor of a single view (hand size unknown): {report['depth_floor_mm']:.1f} mm"]
+    if "keypoint_error_px" in report:
+        kp = report["keypoint_error_px"]
+        notes.append(f"heatmap head's 2D joints on these frames: {kp['all']:.2f} px off on average, fingertips "
+                     f"{kp['tips']:.2f} px (crops of {kp['crop_size']} px)")
     if "occluded_throughout" in report:
         notes.append(f"occluded windows without an unoccluded frame: {report['occluded_throughout']}")
     return "\n".join([table, *notes])

@@ -314,3 +314,50 @@ def test_headroom_skips_windows_that_read_a_frame_without_a_token(runs, data_roo
     assert report["windows"] == full["windows"] - reading
     assert all(np.isfinite(row["pa_mpjpe"]) for row in report["rows"].values())
     assert f"{reading} of {len(ds)} windows skipped" in caplog.text
+
+
+def _pa_mpjpe_mm(pred: np.ndarray, gt: np.ndarray) -> float:
+    """float64 numpy PA-MPJPE (mm) of root-relative joints [n, 21, 3]: Umeyama similarity per sample."""
+    errors = []
+    for p, g in zip(pred - pred[:, :1], gt - gt[:, :1]):
+        pc, gc = p - p.mean(0), g - g.mean(0)
+        u, sig, vt = np.linalg.svd(gc.T @ pc)
+        d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+        rot = u @ d @ vt
+        scale = np.trace(np.diag(sig) @ d) / (pc ** 2).sum()
+        errors.append(np.linalg.norm(scale * pc @ rot.T + g.mean(0) - g, axis=-1).mean())
+    return 1000 * float(np.mean(errors))
+
+
+def test_headroom_ground_truth_joints_row_and_keypoint_error_match_a_recomputation(runs, data_root):
+    """The oracle row: the last frame with the joint MLP reading the annotated 2D joints, recomputed through the
+    batch path (PoseNet.predict_with_heatmaps with a joint hint) instead of the frame tokens; the heatmap head's
+    2D error recomputed in numpy."""
+    from handpose import headroom
+
+    report = headroom.headroom(runs["stage1"], num_frame=3)
+    row = report["rows"][headroom.GT_JOINTS_ROW]
+    ev = _samples(data_root, "val", 3, runs["stage1"])
+    valid = ev["valid"][:, -1]
+    assert row["windows"] == report["windows"] == int(valid.sum()) > 0
+    lit, _ = evaluate.load_checkpoint(runs["stage1"])
+    last = {k: torch.from_numpy(ev[k][valid][:, -1:]) for k in ("img", "bbox", "focal", "princpt", "timestamp",
+                                                                 "joints_2d")}
+    inputs = tuple(last[k] for k in ("img", "bbox", "focal", "princpt", "timestamp"))
+    with torch.no_grad():
+        hint = (last["joints_2d"], torch.ones(len(last["img"]), 1, dtype=torch.bool))
+        (pose, shape, _), _ = lit.net.predict_with_heatmaps(*inputs, joint_hint=hint)[0]
+        joints = ManoLayer()(pose[:, 0], shape[:, 0]).joints.double().numpy()
+        (pose_own, shape_own, _), _ = lit.net.predict_mano_param(*inputs)
+        own = ManoLayer()(pose_own[:, 0], shape_own[:, 0]).joints.double().numpy()
+        _, keypoints = lit.net.predict_with_keypoints(*inputs)
+    gt = ev["joints_cam"][valid][:, -1].astype(np.float64)
+    mpjpe, _ = _mpjpe_and_root_mm(joints, gt)
+    assert row["mpjpe"] == pytest.approx(mpjpe, rel=1e-4)
+    assert row["pa_mpjpe"] == pytest.approx(_pa_mpjpe_mm(joints, gt), rel=1e-4)
+    assert report["rows"]["last frame (Stage 1)"]["pa_mpjpe"] == pytest.approx(_pa_mpjpe_mm(own, gt), rel=1e-4)
+    assert abs(row["pa_mpjpe"] - _pa_mpjpe_mm(own, gt)) > 1e-3  # the hint reaches the fingers
+    err = np.linalg.norm(keypoints[:, 0].double().numpy() - ev["joints_2d"][valid][:, -1], axis=-1)
+    assert report["keypoint_error_px"]["all"] == pytest.approx(err.mean(), rel=1e-5)
+    assert report["keypoint_error_px"]["tips"] == pytest.approx(err[:, [4, 8, 12, 16, 20]].mean(), rel=1e-5)
+    assert report["keypoint_error_px"]["crop_size"] == IMG

@@ -291,3 +291,9 @@ def test_depth_zero_is_the_gated_window_average_alone():
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="depth"):
         TemporalEncoder(dim=6, depth=-1)
+
+
+def test_ground_truth_joint_tokens_need_a_joint_mlp_on_the_heatmaps(root):
+    ds = HandWindowDataset(root, "val", num_frame=1, img_size=IMG)
+    with pytest.raises(ValueError, match="ground_truth_joints_2d"):
+        compute_frame_tokens(make_net("stage1", kind="vit"), ds, ground_truth_joints_2d=True)

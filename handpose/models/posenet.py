@@ -206,14 +206,16 @@ class PoseNet(nn.Module):
         return report
 
     def encode_frames(
-        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor
+        self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
+        joint_hint: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """img [b, t, 3, H, W], bbox [b, t, 4], focal/princpt [b, t, 2] (crop pixels) -> hand tokens [b, t, d].
 
         Per frame and independent across frames. ``bbox`` is checked but not needed: for an axis-aligned crop
-        the crop intrinsics already encode it (see ``camera_features``).
+        the crop intrinsics already encode it (see ``camera_features``). ``joint_hint``: see :meth:`_encode`
+        (given 2D joints for the joint MLP instead of the heatmaps', e.g. the ground truth as an oracle).
         """
-        return self._encode(img, bbox, focal, princpt)[0]
+        return self._encode(img, bbox, focal, princpt, joint_hint)[0]
 
     def _encode(
         self, img: torch.Tensor, bbox: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
