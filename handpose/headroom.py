@@ -12,8 +12,7 @@ own heads and reports PA-MPJPE and root-relative MPJPE:
 - the centred mean of ``num_frame`` tokens around the frame (it looks ahead, clipped at the sequence's ends): what
   smoothing could give with perfect motion compensation;
 - on windows whose last frame is occluded, that frame's token replaced by the most recent unoccluded frame's in the
-  window (an oracle that knows which frames are occluded); windows occluded throughout keep their own.
-
+  window (an oracle that knows which frames are occluded); windows occluded throughout keep their own;
 - for a network whose joint MLP reads the heatmap head's 2D joints: the last frame's token with that MLP reading the
   annotated 2D joints instead (the image features pooled under the predicted heatmaps unchanged), and the heatmap
   head's own 2D error on those frames (crop pixels; mean over the 21 joints and over the 5 fingertips): how much of
