@@ -28,6 +28,10 @@ T = 7
 TINY = SyntheticConfig(seed=3, num_seqs=3, image_size=96, min_frames=12, max_frames=12, invalid_prob=0.0)
 MIRROR_X = np.array([-1.0, 1.0, 1.0])
 ATOL = 1e-5
+# The axis-angle pose: float32 kernels differ with the batch's shape and the CPU (one frame at a time against a
+# window of 7), about 1e-6 in the tokens, and the 6D -> axis-angle conversion amplifies that (measured 2.3e-5 on an
+# AMD EPYC); a wrong frame or window moves the pose by more than 1e-3 (checked below).
+POSE_ATOL = 1e-4
 
 
 def make_net(stage: str, seed: int = 0) -> PoseNet:
@@ -117,7 +121,7 @@ def test_tracker_equals_batch_forward_on_the_dataset_windows(root, nets, sequenc
             if side_of(seq, f) == "left":  # the batch path works on the mirrored (right) hand
                 pose = mirror_hand_pose(torch.from_numpy(pose)).numpy()
                 trans = trans * MIRROR_X
-            np.testing.assert_allclose(res.pose, pose, atol=ATOL, rtol=0)
+            np.testing.assert_allclose(res.pose, pose, atol=POSE_ATOL, rtol=0)
             np.testing.assert_allclose(res.shape, shape, atol=ATOL, rtol=0)
             np.testing.assert_allclose(res.trans, trans, atol=ATOL, rtol=0)
             compared += 1
@@ -125,7 +129,7 @@ def test_tracker_equals_batch_forward_on_the_dataset_windows(root, nets, sequenc
             outputs.append(res.pose)
     assert compared >= 30 and (num_frame == 1 or short >= 3 * (num_frame - 1))
     # the comparison can fail: outputs differ between frames by far more than the tolerance
-    assert np.abs(np.diff(np.stack(outputs), axis=0)).max(axis=1).min() > 100 * ATOL
+    assert np.abs(np.diff(np.stack(outputs), axis=0)).max(axis=1).min() > 10 * POSE_ATOL
 
 
 def test_stage2_output_depends_on_the_earlier_frames_in_the_buffer(nets, sequences):
