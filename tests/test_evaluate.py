@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy.spatial.transform import Rotation
+from test_handpose_metrics import align_reference
 
 from common.mano import ManoLayer
 from handpose import demo, evaluate
@@ -317,15 +318,8 @@ def test_headroom_skips_windows_that_read_a_frame_without_a_token(runs, data_roo
 
 
 def _pa_mpjpe_mm(pred: np.ndarray, gt: np.ndarray) -> float:
-    """float64 numpy PA-MPJPE (mm) of root-relative joints [n, 21, 3]: Umeyama similarity per sample."""
-    errors = []
-    for p, g in zip(pred - pred[:, :1], gt - gt[:, :1]):
-        pc, gc = p - p.mean(0), g - g.mean(0)
-        u, sig, vt = np.linalg.svd(gc.T @ pc)
-        d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
-        rot = u @ d @ vt
-        scale = np.trace(np.diag(sig) @ d) / (pc ** 2).sum()
-        errors.append(np.linalg.norm(scale * pc @ rot.T + g.mean(0) - g, axis=-1).mean())
+    """float64 numpy PA-MPJPE (mm) of joints [n, 21, 3], root-relative, aligned by the FreiHAND reference."""
+    errors = [np.linalg.norm(align_reference(g - g[0], p - p[0]) - (g - g[0]), axis=-1).mean() for p, g in zip(pred, gt)]
     return 1000 * float(np.mean(errors))
 
 
